@@ -1,0 +1,124 @@
+"""The node's configuration: one typed object, from flags > environment > file > defaults.
+
+| setting          | flag              | env                 | default                          |
+|------------------|-------------------|---------------------|----------------------------------|
+| home             | --home            | MESH_HOME           | platformdirs user data dir       |
+| host             | --host            | MESH_HOST           | 127.0.0.1                        |
+| port             | --port            | MESH_PORT           | 8080 (0 = any free port)         |
+| models           | --model (repeat)  | MESH_MODELS (comma) | the gallery's defaults           |
+| no_models        | --no-models       | MESH_NO_MODELS      | false                            |
+| models_dir       | --models-dir      | MESH_MODELS_DIR     | <home>/models                    |
+| name             | --name            | MESH_NAME           | the hostname                     |
+| token            | --token           | MESH_TOKEN          | none (single node, no mesh)      |
+| p2p_port         | --p2p-port        | MESH_P2P_PORT       | 0 (any free port)                |
+| peers            | --peer (repeat)   | MESH_PEERS (comma)  | none                             |
+| mdns             | --no-mdns         | MESH_MDNS           | true                             |
+| max_body_mb      | --max-body-mb     | MESH_MAX_BODY_MB    | 25 (OpenAI's audio limit)        |
+| max_queue        | --max-queue       | MESH_MAX_QUEUE      | 64 requests per model, 503 past  |
+| max_tokens_limit |                   | MESH_MAX_TOKENS     | 0 (no cap beyond the context)    |
+| request_timeout  |                   | MESH_REQUEST_TIMEOUT| 600 s                            |
+| gallery          | --gallery (repeat)| MESH_GALLERY (comma)| none beyond the built-in index   |
+| offer_memory     | --offer-memory    | MESH_OFFER_MEMORY   | 0 (lend nothing to RPC splits)   |
+
+`<home>/config.yaml`, when present, may set any of these keys.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+import yaml
+from pydantic import BaseModel, Field, field_validator
+
+from mesh.errors import BadRequest
+
+DEFAULT_MODELS = ["smollm2-135m-instruct", "whisper-tiny.en"]
+
+
+class NodeConfig(BaseModel):
+    home: Path
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    models: list[str] = Field(default_factory=lambda: list(DEFAULT_MODELS))
+    no_models: bool = False
+    models_dir: Path | None = None
+    name: str = Field(default_factory=socket.gethostname)
+    token: str | None = Field(default=None, repr=False)
+    p2p_port: int = Field(0, ge=0, le=65535)
+    peers: list[str] = Field(default_factory=list)
+    mdns: bool = True
+    max_body_mb: float = Field(25, gt=0)
+    max_queue: int = Field(64, ge=1)
+    max_tokens_limit: int = Field(0, ge=0)
+    request_timeout: float = Field(600, gt=0)
+    gallery: list[str] = Field(default_factory=list)
+    offer_memory: int = Field(0, ge=0)
+
+    @field_validator("models", "peers", "gallery", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [x.strip() for x in v.split(",") if x.strip()]
+        return v
+
+    @property
+    def models_path(self) -> Path:
+        return self.models_dir or self.home / "models"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+_ENV = {
+    "host": "MESH_HOST", "port": "MESH_PORT", "models": "MESH_MODELS", "no_models": "MESH_NO_MODELS",
+    "models_dir": "MESH_MODELS_DIR", "name": "MESH_NAME", "token": "MESH_TOKEN",
+    "p2p_port": "MESH_P2P_PORT", "peers": "MESH_PEERS", "mdns": "MESH_MDNS",
+    "max_body_mb": "MESH_MAX_BODY_MB", "max_queue": "MESH_MAX_QUEUE",
+    "max_tokens_limit": "MESH_MAX_TOKENS", "request_timeout": "MESH_REQUEST_TIMEOUT",
+    "gallery": "MESH_GALLERY", "offer_memory": "MESH_OFFER_MEMORY",
+}
+
+
+def default_home() -> Path:
+    env = os.environ.get("MESH_HOME")
+    return Path(env).expanduser() if env else Path(platformdirs.user_data_dir("inference-mesh"))
+
+
+def load_config(home: Path | None = None, **flags: Any) -> NodeConfig:
+    """Merge defaults < <home>/config.yaml < environment < flags (None means unset)."""
+    home = Path(home).expanduser() if home else default_home()
+    data: dict[str, Any] = {}
+    cfg_file = home / "config.yaml"
+    if cfg_file.exists():
+        try:
+            loaded = yaml.safe_load(cfg_file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise BadRequest(f"{cfg_file}: not valid YAML ({exc})") from exc
+        if not isinstance(loaded, dict):
+            raise BadRequest(f"{cfg_file}: expected a mapping of settings")
+        data.update(loaded)
+    for key, var in _ENV.items():
+        if var in os.environ:
+            val: Any = os.environ[var]
+            if key in ("no_models", "mdns"):
+                val = val.lower() in ("1", "true", "yes", "on")
+            data[key] = val
+    data.update({k: v for k, v in flags.items() if v is not None and v != ()})
+    data["home"] = home
+    try:
+        return NodeConfig(**data)
+    except Exception as exc:  # pydantic.ValidationError: one readable line
+        errs = getattr(exc, "errors", lambda: [])()
+        if errs:
+            e = errs[0]
+            raise BadRequest(f"bad setting {'.'.join(map(str, e['loc']))}: {e['msg']}") from exc
+        raise BadRequest(str(exc)) from exc

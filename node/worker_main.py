@@ -1,0 +1,133 @@
+"""Worker process entry point: `python -m node.worker_main --socket PATH --backend NAME ...`.
+
+The child connects to the Unix socket its parent listens on, loads the model, says
+`ready` (or `fatal`), then serves frames until the socket closes or `unload` arrives.
+Each kind of work has one thread and a FIFO queue (generation, embeddings, audio), so an
+embedding request never waits behind a long generation; `cancel`, `stats` and `health`
+are answered from the reader thread at once. The parent side lives in node/workers.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import traceback
+from typing import Any
+
+from node.backends import RequestError
+from node.frames import SyncFramer
+
+log = logging.getLogger("node.worker")
+
+
+def _load_backend(name: str, model_path: str, config: dict[str, Any]):
+    if name == "llama":
+        from node.backends.llama import LlamaBackend
+        return LlamaBackend(model_path, config)
+    if name == "whisper":
+        from node.backends.whisper import WhisperBackend
+        return WhisperBackend(model_path, config)
+    raise SystemExit(f"unknown backend {name!r}")
+
+
+class WorkerServer:
+    def __init__(self, framer: SyncFramer, backend) -> None:
+        self.framer = framer
+        self.backend = backend
+        self.cancels: dict[int, threading.Event] = {}
+        self.queues = {k: queue.Queue() for k in ("generate", "embed", "transcribe")}
+
+    def run(self) -> None:
+        for kind, q in self.queues.items():
+            threading.Thread(target=self._drain, args=(kind, q), daemon=True,
+                             name=f"worker-{kind}").start()
+        while True:
+            msg = self.framer.recv()
+            if msg is None or msg.get("op") == "unload":
+                return
+            op, rid = msg.get("op"), msg.get("id")
+            if op == "cancel":
+                ev = self.cancels.get(msg.get("target"))
+                if ev is not None:
+                    ev.set()
+            elif op in ("stats", "health"):
+                self.framer.send({"id": rid, "type": "result", "data": self.backend.stats()})
+            elif op in self.queues:
+                self.cancels[rid] = threading.Event()
+                self.queues[op].put(msg)
+            else:
+                self.framer.send({"id": rid, "type": "error", "status": 400,
+                                  "code": "unknown_op", "message": f"unknown op {op!r}"})
+
+    def _drain(self, kind: str, q: queue.Queue) -> None:
+        while True:
+            msg = q.get()
+            rid = msg["id"]
+            cancel = self.cancels.get(rid) or threading.Event()
+            try:
+                if cancel.is_set():
+                    self.framer.send({"id": rid, "type": "done", "finish_reason": "cancelled",
+                                      "usage": None})
+                    continue
+                if kind == "generate":
+                    self.backend.generate(msg["request"],
+                                          lambda f, rid=rid: self.framer.send({"id": rid, **f}),
+                                          cancel)
+                elif kind == "embed":
+                    data = self.backend.embed(msg["input"])
+                    self.framer.send({"id": rid, "type": "result", "data": data})
+                else:
+                    data = self.backend.transcribe(msg["audio"], msg.get("params") or {})
+                    self.framer.send({"id": rid, "type": "result", "data": data})
+            except RequestError as exc:
+                self._send_error(rid, exc.status, exc.code, str(exc), exc.param)
+            except AttributeError as exc:
+                self._send_error(rid, 400, "unsupported",
+                                 f"this model's backend does not support {kind}: {exc}", None)
+            except OSError:
+                return  # the parent went away: nothing left to tell
+            except Exception as exc:  # a backend bug: report it, keep serving
+                traceback.print_exc()
+                self._send_error(rid, 500, "backend_error", f"{type(exc).__name__}: {exc}", None)
+            finally:
+                self.cancels.pop(rid, None)
+
+    def _send_error(self, rid, status, code, message, param) -> None:
+        try:
+            self.framer.send({"id": rid, "type": "error", "status": status, "code": code,
+                              "message": message, "param": param})
+        except OSError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="node.worker_main")
+    ap.add_argument("--socket", required=True)
+    ap.add_argument("--backend", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--config", default="{}")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("MESH_LOG_LEVEL", "INFO"),
+                        format="worker %(levelname)s %(message)s", stream=sys.stderr)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(args.socket)
+    framer = SyncFramer(sock)
+    try:
+        backend = _load_backend(args.backend, args.model, json.loads(args.config))
+    except Exception as exc:
+        framer.send({"type": "fatal", "error": f"{type(exc).__name__}: {exc}"})
+        return 1
+    framer.send({"type": "ready", "info": backend.info(), "pid": os.getpid()})
+    WorkerServer(framer, backend).run()
+    # Skip interpreter teardown: native model destructors can be slow and the socket is gone.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""Parent side of the worker processes: spawn, speak frames, supervise, restart.
+
+One worker process per loaded model (node/worker_main.py is the child). The parent listens
+on a Unix socket under `<home>/run/` created 0600, starts the child with the socket's path,
+and accepts its single connection. A reader task routes every frame to the request that
+owns its id (one unbounded memory channel per request, so a slow client never stalls the
+reader or other requests).
+
+When the child dies (crash, OOM, `kill -9`) the socket reaches EOF: every in-flight request
+fails with WorkerDied (HTTP 503) and the child is started again after a short back-off.
+A request that arrives while the worker (re)starts waits for it to be ready, up to
+LOAD_TIMEOUT. Leaving a request early (client disconnect, cancellation) sends `cancel`
+to the child in a shielded `finally`, so generation stops at the next token.
+
+The pool owns the supervisors' nursery inside `serve()`; load/unload are commands sent to
+it over a channel, so no nursery is stored on an object.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import trio
+
+from mesh.errors import BadRequest, MeshError, NoCapacity, NotFound, Timeout, Unavailable, WorkerDied
+from node.frames import read_frame, pack
+
+log = logging.getLogger("node.workers")
+
+ACCEPT_TIMEOUT = 30.0      # child start-up until it connects (imports only)
+LOAD_TIMEOUT = 600.0       # connect until `ready` (model load; big files on slow disks)
+STOP_GRACE = 2.0           # SIGTERM -> SIGKILL
+RESTART_BACKOFF = (0.2, 1.0, 3.0, 10.0)
+
+
+class WorkerRequestError(MeshError):
+    """An error the backend reported for one request; status and code come from it."""
+
+    def __init__(self, frame: dict[str, Any]) -> None:
+        super().__init__(frame.get("message") or "backend error", param=frame.get("param"),
+                         code=frame.get("code"))
+        self.status = int(frame.get("status") or 500)
+        self.type = "invalid_request_error" if self.status < 500 else "server_error"
+
+
+@dataclass
+class ModelSpec:
+    """What a worker needs to load a model."""
+    id: str
+    backend: str
+    path: str
+    config: dict[str, Any] = field(default_factory=dict)
+    aliases: list[str] = field(default_factory=list)
+
+
+class Worker:
+    """Handle on one model's worker process, valid across restarts."""
+
+    def __init__(self, spec: ModelSpec, run_dir: Path, *, max_queue: int,
+                 on_change: Callable[[], None]) -> None:
+        self.spec = spec
+        self.run_dir = run_dir
+        self.max_queue = max_queue
+        self.on_change = on_change
+        self.state = "loading"         # loading | loaded | failed | stopped
+        self.error: str | None = None
+        self.info: dict[str, Any] = {}
+        self.pid: int | None = None
+        self.restarts = 0
+        self.started_at = time.time()
+        self._stream: trio.SocketStream | None = None
+        self._send_lock = trio.Lock()
+        self._pending: dict[int, trio.MemorySendChannel] = {}
+        self._ids = itertools.count(1)
+        self._ready = trio.Event()
+        self._cancel_scope: trio.CancelScope | None = None
+        self.stats: dict[str, Any] = {}
+
+    # ----------------------------------------------------------- properties
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "backend": self.spec.backend, "state": self.state,
+                "error": self.error, "pid": self.pid, "restarts": self.restarts,
+                "in_flight": self.in_flight, "ctx": self.info.get("ctx"),
+                "slots": self.info.get("slots", 1), "aliases": self.spec.aliases,
+                **{k: v for k, v in self.stats.items() if k in ("tokens_per_s", "busy")}}
+
+    # -------------------------------------------------------------- requests
+    async def _wait_ready(self) -> None:
+        if self.state == "stopped":
+            raise Unavailable(f"model {self.id!r} was unloaded")
+        if not self._ready.is_set():
+            with trio.move_on_after(LOAD_TIMEOUT):
+                await self._ready.wait()
+        if self.state != "loaded" or self._stream is None:
+            raise Unavailable(f"model {self.id!r} is not available: {self.error or self.state}")
+
+    @asynccontextmanager
+    async def request(self, op: str, **fields: Any) -> AsyncIterator[trio.MemoryReceiveChannel]:
+        """Send one request; yield the channel of its response frames.
+
+        Leaving the block before the final frame cancels the request in the worker."""
+        if self.in_flight >= self.max_queue:
+            raise NoCapacity(f"model {self.id!r} has {self.in_flight} requests queued; "
+                             "try again later")
+        await self._wait_ready()
+        rid = next(self._ids)
+        send, recv = trio.open_memory_channel(math.inf)
+        self._pending[rid] = send
+        finished = False
+        try:
+            await self._send({"op": op, "id": rid, **fields})
+
+            async def frames():
+                nonlocal finished
+                async for frame in recv:
+                    if frame.get("type") in ("done", "result", "error", "died"):
+                        finished = True
+                    yield frame
+                    if finished:
+                        return
+
+            yield frames()
+        finally:
+            self._pending.pop(rid, None)
+            if not finished and self._stream is not None:
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(1):
+                        try:
+                            await self._send({"op": "cancel", "id": 0, "target": rid})
+                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                            pass
+
+    async def call(self, op: str, **fields: Any) -> Any:
+        """A request with one result frame."""
+        async with self.request(op, **fields) as frames:
+            async for frame in frames:
+                check_frame(frame, self.id)
+                if frame.get("type") == "result":
+                    return frame.get("data")
+        raise WorkerDied(f"the worker for {self.id!r} ended the request without a result")
+
+    async def _send(self, obj: dict[str, Any]) -> None:
+        stream = self._stream
+        if stream is None:
+            raise WorkerDied(f"the worker for {self.id!r} is not running")
+        async with self._send_lock:
+            try:
+                await stream.send_all(pack(obj))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise WorkerDied(f"the worker for {self.id!r} went away") from exc
+
+    def _fail_pending(self, message: str) -> None:
+        for send in list(self._pending.values()):
+            try:
+                send.send_nowait({"type": "died", "message": message})
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+
+    # ------------------------------------------------------------ supervisor
+    async def supervise(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run the worker process, restarting it when it dies, until cancelled."""
+        started = False
+        with trio.CancelScope() as scope:
+            self._cancel_scope = scope
+            try:
+                while True:
+                    t0 = time.monotonic()
+                    try:
+                        await self._run_once(on_ready=(lambda: task_status.started(self))
+                                             if not started else (lambda: None))
+                        started = True
+                    except _LoadFailed as exc:
+                        self.state, self.error = "failed", str(exc)
+                        self.on_change()
+                        log.error("model %s failed to load: %s", self.id, exc)
+                        if not started:
+                            task_status.started(self)
+                            started = True
+                        self._ready.set()
+                        return
+                    # back off only while it keeps dying quickly
+                    quick = time.monotonic() - t0 < 60
+                    delay = RESTART_BACKOFF[min(self.restarts, len(RESTART_BACKOFF) - 1)] if quick else RESTART_BACKOFF[0]
+                    self.restarts += 1
+                    await trio.sleep(delay)
+            finally:
+                self.state = "stopped" if self.state != "failed" else self.state
+                self._fail_pending(f"model {self.id!r} was unloaded")
+                self._ready.set()
+                self.on_change()
+
+    def stop(self) -> None:
+        self.state = "stopped"
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+
+    async def _run_once(self, on_ready: Callable[[], None]) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.run_dir / f"{_safe(self.id)}.sock"
+        path.unlink(missing_ok=True)
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        old = os.umask(0o077)
+        try:
+            await listener.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        listener.listen(1)
+        self._ready = trio.Event() if self._ready.is_set() else self._ready
+        self.state = "loading"
+        self.on_change()
+        cmd = [sys.executable, "-m", "node.worker_main", "--socket", str(path),
+               "--backend", self.spec.backend, "--model", self.spec.path,
+               "--config", json.dumps(self.spec.config)]
+        proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.DEVNULL,
+                                                start_new_session=True)
+        self.pid = proc.pid
+        try:
+            with listener:
+                with trio.fail_after(ACCEPT_TIMEOUT):
+                    sock, _ = await listener.accept()
+            path.unlink(missing_ok=True)
+            stream = trio.SocketStream(sock)
+            try:
+                with trio.fail_after(LOAD_TIMEOUT):
+                    first = await read_frame(stream)
+            except trio.TooSlowError:
+                raise _LoadFailed(f"the model did not load within {LOAD_TIMEOUT:.0f} s")
+            if first is None:
+                code = await proc.wait()
+                raise _LoadFailed(f"the worker exited with status {code} while loading")
+            if first.get("type") == "fatal":
+                raise _LoadFailed(first.get("error") or "load failed")
+            self.info = first.get("info") or {}
+            self._stream = stream
+            self.state, self.error = "loaded", None
+            self._ready.set()
+            log.info("model %s loaded (pid %s)", self.id, proc.pid)
+            self.on_change()
+            on_ready()
+            try:
+                while True:
+                    try:
+                        frame = await read_frame(stream)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                            ValueError):
+                        frame = None
+                    if frame is None:
+                        break
+                    send = self._pending.get(frame.get("id"))
+                    if send is not None:
+                        send.send_nowait(frame)
+            finally:
+                self._stream = None
+                await stream.aclose()
+            code = await proc.wait()
+            self.state, self.error = "loading", f"worker exited with status {code}; restarting"
+            self._ready = trio.Event()
+            log.warning("worker for %s exited (status %s); restarting", self.id, code)
+            self._fail_pending(f"the worker serving {self.id!r} died (status {code}); "
+                               "it is being restarted, retry the request")
+            self.on_change()
+        except trio.TooSlowError:
+            raise _LoadFailed(f"the worker did not start within {ACCEPT_TIMEOUT:.0f} s")
+        finally:
+            path.unlink(missing_ok=True)
+            with trio.CancelScope(shield=True):
+                await _terminate(proc)
+
+
+class _LoadFailed(Exception):
+    pass
+
+
+def check_frame(frame: dict[str, Any], model_id: str) -> None:
+    """Raise the error a terminal frame carries, if any."""
+    kind = frame.get("type")
+    if kind == "error":
+        raise WorkerRequestError(frame)
+    if kind == "died":
+        raise WorkerDied(frame.get("message") or f"the worker for {model_id!r} died")
+
+
+async def _terminate(proc: trio.Process) -> None:
+    if proc.returncode is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    with trio.move_on_after(STOP_GRACE):
+        await proc.wait()
+        return
+    try:
+        proc.kill()
+    except ProcessLookupError:
+        pass
+    await proc.wait()
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
+
+
+class WorkerPool:
+    """The loaded models of this node. `serve()` owns every worker's supervisor."""
+
+    def __init__(self, run_dir: Path, *, max_queue: int = 64,
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        self.run_dir = run_dir
+        self.max_queue = max_queue
+        self.on_change = on_change
+        self.workers: dict[str, Worker] = {}
+        self._cmd_send, self._cmd_recv = trio.open_memory_channel(64)
+
+    def get(self, model_id: str) -> Worker | None:
+        return self.workers.get(model_id)
+
+    def find(self, name: str) -> Worker | None:
+        w = self.workers.get(name)
+        if w is not None:
+            return w
+        for w in self.workers.values():
+            if name in w.spec.aliases:
+                return w
+        return None
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            task_status.started(self)
+            try:
+                async for spec, reply in self._cmd_recv:
+                    reply.send_nowait(self._start(nursery, spec))
+            finally:
+                for w in self.workers.values():
+                    w.stop()
+
+    def _start(self, nursery: trio.Nursery, spec: ModelSpec) -> Worker:
+        old = self.workers.get(spec.id)
+        if old is not None and old.state in ("loading", "loaded"):
+            return old
+        w = Worker(spec, self.run_dir, max_queue=self.max_queue, on_change=self.on_change)
+        self.workers[spec.id] = w
+        nursery.start_soon(w.supervise)
+        return w
+
+    async def load(self, spec: ModelSpec, *, wait: bool = True) -> Worker:
+        """Start a model's worker; with wait=True return once it is loaded (or failed)."""
+        reply_send, reply_recv = trio.open_memory_channel(1)
+        await self._cmd_send.send((spec, reply_send))
+        w = await reply_recv.receive()
+        if wait:
+            await w._ready.wait()
+            if w.state == "failed":
+                raise BadRequest(f"model {spec.id!r} failed to load: {w.error}",
+                                 code="model_load_failed")
+        return w
+
+    async def unload(self, model_id: str) -> None:
+        w = self.workers.pop(model_id, None)
+        if w is None:
+            raise NotFound(f"model {model_id!r} is not loaded", code="model_not_loaded")
+        w.stop()
+        self.on_change()
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [w.describe() for w in self.workers.values()]
+
+
+__all__ = ["ModelSpec", "Worker", "WorkerPool", "WorkerRequestError", "check_frame", "Timeout"]
