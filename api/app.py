@@ -1,0 +1,36 @@
+"""The Quart (quart-trio) application: routes, limits and error handling, nothing else.
+
+`create_app(services)` gets everything it serves from one `Services` object built by
+node/daemon.py (router, config, pool, store, mesh façade); handlers reach it through
+`current_app.config["MESH"]`. The app never opens sockets or starts tasks of its own:
+Hypercorn serves it inside the node's trio nursery.
+"""
+
+from __future__ import annotations
+
+from quart_trio import QuartTrio
+
+from api import errors
+from api.mesh_routes import bp as mesh_bp
+from api.openai_routes import bp as openai_bp
+
+
+def create_app(services) -> QuartTrio:
+    app = QuartTrio("inference-mesh")
+    # Quart cuts responses after 60 s by default: long streams must not be cut.
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["BODY_TIMEOUT"] = 120
+    app.config["MAX_CONTENT_LENGTH"] = services.config.max_body_bytes
+    app.config["MESH"] = services
+    app.register_blueprint(openai_bp)
+    app.register_blueprint(mesh_bp)
+    errors.install(app)
+
+    @app.after_request
+    async def _count(response):
+        from quart import request
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        services.metrics.requests.labels(rule, str(response.status_code)).inc()
+        return response
+
+    return app

@@ -1,0 +1,33 @@
+"""The `mesh` command: a click group with one small module per verb.
+
+Every verb that talks to a node takes `--url` (default $MESH_URL or
+http://127.0.0.1:8080) and `--json` where a script reads its output. User-facing
+failures are one readable line (click.ClickException), never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from mesh.cli import up as _up
+from mesh.cli import status as _status
+from mesh.cli import token as _token
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="inference-mesh", prog_name="mesh")
+def cli() -> None:
+    """inference-mesh: a peer-to-peer inference mesh with an OpenAI-compatible API."""
+
+
+for command in (_up.up, _status.status, _token.token):
+    cli.add_command(command)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except KeyboardInterrupt:
+        sys.exit(130)

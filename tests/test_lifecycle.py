@@ -1,0 +1,62 @@
+"""`mesh up` as a process: readable start-up errors, clean shutdown under load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.procs import MeshNode, run_cli
+
+CHAT = "smollm2-135m-instruct"
+
+
+def test_unknown_model_is_one_readable_line(tmp_path):
+    r = run_cli("up", "--home", str(tmp_path), "--port", "0", "--model", "smolm2-135m")
+    assert r.returncode != 0
+    assert "did you mean" in r.stderr and "smollm2-135m-instruct" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bad_flag_value_is_one_readable_line(tmp_path):
+    r = run_cli("up", "--home", str(tmp_path), "--port", "99999")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "port" in r.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_clean_shutdown_under_open_stream(tmp_path, sig):
+    node = MeshNode(tmp_path / "n", ["--model", CHAT, "--no-mdns"]).start().wait_ready()
+    pid = httpx.get(node.api + "/mesh/status").json()["nodes"][0]["models"][0]["pid"]
+    client = openai.OpenAI(base_url=node.v1, api_key="x", max_retries=0, timeout=30)
+    got_first = threading.Event()
+    ended = threading.Event()
+
+    def reader():
+        try:
+            for chunk in client.chat.completions.create(
+                    model=CHAT, messages=[{"role": "user", "content": "Tell a very long story."}],
+                    max_tokens=4000, stream=True):
+                got_first.set()
+        except Exception:
+            pass
+        finally:
+            ended.set()
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    assert got_first.wait(60)
+    t0 = time.monotonic()
+    code = node.stop(sig, timeout=10)
+    took = time.monotonic() - t0
+    assert code == 0, node.log_tail()
+    assert took < 5, f"shutdown took {took:.1f}s"
+    assert ended.wait(5), "the client's stream never ended"
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert "Traceback" not in node.log_tail(100000)
