@@ -165,6 +165,12 @@ class Store:
             log.warning("ignoring %s: invalid %s (%s)", d, MANIFEST, exc)
             return None
 
+    def by_id(self, model_id: str) -> InstalledModel | None:
+        """The installed model with exactly this id (no alias lookup)."""
+        if not model_id or model_id.startswith(".") or "/" in model_id:
+            return None
+        return self._load(self.model_dir(model_id))
+
     def list(self) -> list[InstalledModel]:
         """Installed models, sorted by id."""
         try:
@@ -176,10 +182,9 @@ class Store:
 
     def get(self, name: str) -> InstalledModel | None:
         """The installed model with this id or alias (exact, then case-insensitive)."""
-        if name and not name.startswith(".") and "/" not in name:
-            m = self._load(self.model_dir(name))
-            if m is not None:
-                return m
+        m = self.by_id(name)
+        if m is not None:
+            return m
         models = self.list()
         for m in models:
             if name in m.aliases:

@@ -39,7 +39,7 @@ def test_compose_commands_exist_in_the_cli(compose):
     default_cmd = json.loads(dockerfile.split("\nCMD ", 1)[1].splitlines()[0])
     for argv in [default_cmd] + [s["command"] for s in compose["services"].values()]:
         ctx = cli.make_context("mesh", list(argv))
-        name, cmd, rest = cli.resolve_command(ctx, ctx.protected_args + ctx.args)
+        name, cmd, rest = cli.resolve_command(ctx, [*getattr(ctx, "_protected_args", []), *ctx.args])
         assert cmd is not None, argv
         try:
             cmd.make_context(name, list(rest), parent=ctx)
