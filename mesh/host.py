@@ -106,7 +106,11 @@ class _PnetStream(ReadWriteCloser):
         self._dec: Any = None
         self._wlock = trio.Lock()
         self._rlock = trio.Lock()
-        self._rbuf = b""
+        # Cached now: after a peer with another token hangs up, getpeername() fails.
+        try:
+            self._remote_addr: tuple[str, int] | None = inner.get_remote_address()
+        except Exception:
+            self._remote_addr = None
 
     async def _send_preamble_locked(self) -> None:
         if self._enc is None:
@@ -132,7 +136,7 @@ class _PnetStream(ReadWriteCloser):
             buf += chunk
         dec = _chacha(self._psk, buf[:_PNET_NONCE])
         if dec.update(buf[_PNET_NONCE:need]) != _PNET_MAGIC:
-            addr = self._remote()
+            addr = self._remote_addr
             self._on_mismatch(addr)
             await self.close()
             raise TokenMismatch(f"peer at {addr} holds a different mesh token")
@@ -148,14 +152,8 @@ class _PnetStream(ReadWriteCloser):
     async def close(self) -> None:
         await self._inner.close()
 
-    def _remote(self) -> tuple[str, int] | None:
-        try:
-            return self._inner.get_remote_address()
-        except Exception:
-            return None
-
     def get_remote_address(self) -> tuple[str, int] | None:
-        return self._inner.get_remote_address()
+        return self._remote_addr or self._inner.get_remote_address()
 
     def __getattr__(self, name: str) -> Any:  # get_local_address & co. of the TCP stream
         return getattr(self._inner, name)

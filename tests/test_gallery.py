@@ -111,7 +111,7 @@ class _Server(http.server.ThreadingHTTPServer):
 @pytest.fixture
 def server():
     srv = _Server()
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     srv.files["/blob.bin"] = BLOB
     yield srv
