@@ -12,6 +12,7 @@ from quart_trio import QuartTrio
 
 from api import errors
 from api.mesh_routes import bp as mesh_bp
+from api.model_routes import bp as models_bp
 from api.openai_routes import bp as openai_bp
 
 
@@ -24,6 +25,7 @@ def create_app(services) -> QuartTrio:
     app.config["MESH"] = services
     app.register_blueprint(openai_bp)
     app.register_blueprint(mesh_bp)
+    app.register_blueprint(models_bp)
     errors.install(app)
 
     @app.after_request

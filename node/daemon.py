@@ -36,6 +36,7 @@ from mesh.config import NodeConfig
 from mesh.errors import MeshError
 from mesh.router import Router
 from node import resources
+from node.jobs import Jobs
 from node.metrics import NodeMetrics
 from node.workers import ModelSpec, WorkerPool
 
@@ -65,12 +66,26 @@ class Services:
     store: Store
     index: dict[str, Any]
     metrics: NodeMetrics
+    jobs: Any = None
     api_url: str = ""
     proxy: Any = None
     p2p: Any = None
     wanted: list[str] = field(default_factory=list)     # model ids this node serves
     startup_error: str | None = None
     started: float = field(default_factory=time.time)
+
+    async def load_model(self, installed: InstalledModel):
+        worker = await self.pool.load(spec_for(installed), wait=True)
+        self.notify_changed()
+        return worker
+
+    async def unload_model(self, model_id: str) -> None:
+        await self.pool.unload(model_id)
+        self.notify_changed()
+
+    def notify_changed(self) -> None:
+        if self.p2p is not None:
+            self.p2p.notify_changed()
 
     def is_proxied(self, request) -> bool:
         """True for a request a mesh peer forwarded to us (it must not hop again)."""
@@ -166,6 +181,8 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
         router = Router(pool)
         svc = Services(config=config, node_name=config.name, pool=pool, router=router,
                        store=store, index=index, metrics=NodeMetrics(pool), wanted=wanted)
+        pool.on_change = svc.notify_changed
+        svc.jobs = await nursery.start(Jobs(store, after_install=svc.load_model).serve)
         app = create_app(svc)
 
         hc = HypercornConfig()

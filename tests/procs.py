@@ -44,7 +44,8 @@ class MeshNode:
         self._log = open(self.home / "node.log", "ab")
         self.proc = subprocess.Popen(
             [*MESH, "up", "--home", str(self.home), "--host", "127.0.0.1", "--port", "0",
-             "--models-dir", str(models_dir()), *self.args],
+             *([] if "--models-dir" in self.args else ["--models-dir", str(models_dir())]),
+             *self.args],
             stdout=subprocess.PIPE, stderr=self._log, env=env, cwd=REPO, text=True)
         self._q: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()

@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from mesh.cli import models as _models
 from mesh.cli import up as _up
 from mesh.cli import status as _status
 from mesh.cli import token as _token
@@ -22,7 +23,8 @@ def cli() -> None:
     """inference-mesh: a peer-to-peer inference mesh with an OpenAI-compatible API."""
 
 
-for command in (_up.up, _status.status, _token.token):
+for command in (_up.up, _status.status, _token.token, _models.gallery, _models.install,
+                _models.models, _models.load, _models.unload, _models.remove):
     cli.add_command(command)
 
 
