@@ -11,6 +11,8 @@ from __future__ import annotations
 from quart_trio import QuartTrio
 
 from api import errors
+from api.auth import AuthMiddleware
+from api.key_routes import bp as keys_bp
 from api.mesh_routes import bp as mesh_bp
 from api.model_routes import bp as models_bp
 from api.openai_routes import bp as openai_bp
@@ -26,6 +28,7 @@ def create_app(services) -> QuartTrio:
     app.register_blueprint(openai_bp)
     app.register_blueprint(mesh_bp)
     app.register_blueprint(models_bp)
+    app.register_blueprint(keys_bp)
     errors.install(app)
 
     @app.after_request
@@ -35,4 +38,6 @@ def create_app(services) -> QuartTrio:
         services.metrics.requests.labels(rule, str(response.status_code)).inc()
         return response
 
+    app.asgi_app = AuthMiddleware(app.asgi_app, services.keyring,
+                                  max_concurrent_per_key=services.config.max_concurrent_per_key)
     return app

@@ -10,8 +10,12 @@ ids are the peers' multihash bytes as authenticated by Noise; k = the token's hm
     I -> R   nI                                  32 random bytes
     R -> I   nR || HMAC(k, "mesh/admit/1|R" || idI || idR || nI || nR)
     I -> R   HMAC(k, "mesh/admit/1|I" || idI || idR || nI || nR)
-    R -> I   0x01                                R admitted I
-             I admits R on the 0x01 (R's MAC was checked before I answered).
+    R -> I   0x01                                R checked I's MAC and admitted I
+             I admits R on the 0x01, having checked R's MAC.
+
+Each side sends its proof even when the other's is wrong, so a peer with another token
+is denied by both sides in the same exchange (one side alone would leave the other
+waiting for a timeout).
 
 Both sides contribute a fresh nonce, both MACs cover both ids and both nonces, and the
 role labels keep R's MAC from being replayed as I's. A wrong MAC denies the peer: its
@@ -196,9 +200,11 @@ class Admission:
                 reply = await _read_exactly(stream, _NONCE + _MAC)
                 n_r, mac_r = reply[:_NONCE], reply[_NONCE:]
                 id_i, id_r = self._me.to_bytes(), peer.to_bytes()
+                # Answer even when R's proof is wrong, so R can judge us too and both
+                # sides deny each other in this one exchange.
+                await stream.write(_mac(self._key, b"I", id_i, id_r, n_i, n_r))
                 if not hmac.compare_digest(mac_r, _mac(self._key, b"R", id_i, id_r, n_i, n_r)):
                     raise _Denied("its admission proof is wrong (it holds a different mesh token)")
-                await stream.write(_mac(self._key, b"I", id_i, id_r, n_i, n_r))
                 ok = await _read_exactly(stream, 1)
                 if ok != _OK:
                     raise _Denied("it refused our admission proof")
@@ -220,9 +226,7 @@ class Admission:
     async def respond(self, stream: INetStream) -> None:
         """The ``/mesh/admit/1`` handler (never gated: this is how a peer gets in)."""
         peer = stream.muxed_conn.peer_id
-        if self.is_denied(peer):
-            await self._drop(peer, stream)
-            return
+        denied = self.is_denied(peer)  # still answer: a peer with another token learns it here
         self._entry(peer)
         try:
             with trio.fail_after(ADMIT_TIMEOUT):
@@ -233,6 +237,9 @@ class Admission:
                 mac_i = await _read_exactly(stream, _MAC)
                 if not hmac.compare_digest(mac_i, _mac(self._key, b"I", id_i, id_r, n_i, n_r)):
                     raise _Denied("its admission proof is wrong (it holds a different mesh token)")
+                if denied:
+                    await self._drop(peer, stream)
+                    return
                 self._admit(peer)
                 await stream.write(_OK)
             await stream.close()

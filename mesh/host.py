@@ -75,7 +75,7 @@ from mesh.errors import BadRequest, PeerError
 
 __all__ = [
     "PnetTCP", "TokenMismatch", "build_host", "open_host", "listen_addrs_for", "machine_ipv4_addrs",
-    "connect_addr", "split_peer_addr",
+    "connect_addr", "dial", "split_peer_addr",
 ]
 
 log = logging.getLogger(__name__)
@@ -339,18 +339,51 @@ async def connect_addr(host: IHost, addr: str | multiaddr.Multiaddr) -> ID:
     tells us who answered. Callers bound this with their own deadline.
     """
     ma, peer = split_peer_addr(addr)
+    if peer is None:
+        return await _connect_unknown(host, ma)
+    if peer == host.get_id():
+        raise PeerError("that address is this node")
+    host.get_peerstore().add_addrs(peer, [ma], PEERSTORE_ADDR_TTL)
+    await dial(host, peer, [ma])
+    return peer
+
+
+def _dial_order(addrs: Sequence[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    seen: set[str] = set()
+    out = [a for a in addrs if _value(a, "tcp") and not (str(a) in seen or seen.add(str(a)))]  # type: ignore[func-returns-value]
+    return sorted(out, key=lambda a: (_value(a, "ip4") or "").startswith("127."))  # stable: LAN first
+
+
+async def dial(host: IHost, peer: ID, addrs: Sequence[multiaddr.Multiaddr]) -> None:
+    """Connect to ``peer`` unless connected, trying each address in turn.
+
+    py-libp2p's ``dial_peer`` tries only one address per transport class (its "smart
+    address selection"), so a peer whose first advertised address is unreachable from
+    here (a docker bridge, a second NIC) would never be reached; and it blocks a peer for
+    60 s after a failed dial. Dialing address by address avoids both.
+    """
     swarm: Any = host.get_network()
-    if peer is not None:
-        if peer == host.get_id():
-            raise PeerError("that address is this node")
-        host.get_peerstore().add_addrs(peer, [ma], PEERSTORE_ADDR_TTL)
-        swarm._negative_peer_cache.evict(str(peer))  # py-libp2p blocks a failed peer for 60 s
+    if swarm.get_connections(peer):
+        return
+    errors: list[str] = []
+    for ma in _dial_order(addrs):
+        ma = _strip_p2p(ma)
         try:
-            await swarm.dial_peer(peer)
+            await swarm.dial_addr(ma, peer)
+            host.get_peerstore().add_addrs(peer, [ma], PEERSTORE_ADDR_TTL)
+            return
         except Exception as exc:
-            raise PeerError(f"cannot connect to {peer} at {ma}: {_reason(exc)}") from exc
-        return peer
-    return await _connect_unknown(host, ma)
+            errors.append(f"{ma}: {_reason(exc)}")
+            if swarm.get_connections(peer):  # the peer dialed us meanwhile
+                return
+    if not errors:
+        raise PeerError(f"no known address for peer {peer}")
+    raise PeerError(f"cannot connect to {peer} ({'; '.join(errors)})")
+
+
+def _strip_p2p(ma: multiaddr.Multiaddr) -> multiaddr.Multiaddr:
+    pid = _value(ma, "p2p")
+    return ma.decapsulate(multiaddr.Multiaddr(f"/p2p/{pid}")) if pid else ma
 
 
 async def _connect_unknown(host: IHost, ma: multiaddr.Multiaddr) -> ID:
@@ -401,18 +434,3 @@ def _reason(exc: BaseException) -> str:
             msgs.append(str(e))
         e = e.__cause__ or e.__context__
     return msgs[-1] if msgs else type(exc).__name__
-
-
-def psk_mismatch_in(exc: BaseException) -> bool:
-    e: BaseException | None = exc
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, TokenMismatch):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def is_loopback_only(addrs: Sequence[str]) -> bool:
-    return all("/ip4/127." in a or "/ip6/::1/" in a for a in addrs)

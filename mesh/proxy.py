@@ -35,8 +35,11 @@ log = logging.getLogger("mesh.proxy")
 
 PROTOCOL = "/mesh/openai/1"
 OPEN_TIMEOUT = 10.0          # dial + admission + request frame
+# Not relayed: hop-by-hop headers, and the caller's key (the peer gets the caller's
+# identity and features in the request frame instead; secrets never cross the mesh).
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host",
-               "upgrade", "te", "trailer", "proxy-authorization", "proxy-authenticate"}
+               "upgrade", "te", "trailer", "proxy-authorization", "proxy-authenticate",
+               "authorization"}
 RETRY_STATUSES = {502, 503}  # a peer that says "cannot now" before any byte: try the next
 
 
@@ -67,8 +70,9 @@ class Proxy:
         self.router = router
         self.request_timeout = request_timeout
 
-    async def forward(self, route, request, caller: dict[str, Any] | None = None) -> Response:
+    async def forward(self, route, request) -> Response:
         body = await request.get_data()
+        caller = (request.scope.get("extensions") or {}).get("mesh.caller")
         head = {"v": 1, "method": request.method, "path": request.path,
                 "query": request.query_string.decode("latin-1"),
                 "headers": _headers_out(request.headers), "body": body,

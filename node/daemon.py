@@ -34,6 +34,7 @@ from gallery.installer import install
 from gallery.store import InstalledModel, Store
 from mesh.config import NodeConfig
 from mesh.errors import MeshError
+from mesh.keys import KeyRing
 from mesh.router import Router
 from node import resources
 from node.jobs import Jobs
@@ -67,6 +68,7 @@ class Services:
     index: dict[str, Any]
     metrics: NodeMetrics
     jobs: Any = None
+    keyring: Any = None
     api_url: str = ""
     proxy: Any = None
     p2p: Any = None
@@ -182,6 +184,7 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
         svc = Services(config=config, node_name=config.name, pool=pool, router=router,
                        store=store, index=index, metrics=NodeMetrics(pool), wanted=wanted)
         pool.on_change = svc.notify_changed
+        svc.keyring = KeyRing(config.home)
         svc.jobs = await nursery.start(Jobs(store, after_install=svc.load_model).serve)
         app = create_app(svc)
 

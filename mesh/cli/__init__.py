@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from mesh.cli import keys as _keys
 from mesh.cli import models as _models
 from mesh.cli import up as _up
 from mesh.cli import status as _status
@@ -24,7 +25,7 @@ def cli() -> None:
 
 
 for command in (_up.up, _status.status, _token.token, _models.gallery, _models.install,
-                _models.models, _models.load, _models.unload, _models.remove):
+                _models.models, _models.load, _models.unload, _models.remove, _keys.keys):
     cli.add_command(command)
 
 

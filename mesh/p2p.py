@@ -1,0 +1,544 @@
+"""The mesh's peer-to-peer layer, as the node sees it: ``open_p2p(...) -> P2P``.
+
+``open_p2p`` composes, in one nursery that it owns for the life of the block:
+
+    host        mesh/host.py       libp2p: TCP + pnet(token) + Noise + yamux, persistent identity
+    admission   mesh/admission.py  HMAC handshake on every connection; gate for every handler
+    gossip      mesh/gossip.py     our sealed NodeState every second and on notify_changed()
+    view        mesh/view.py       membership from gossip, suspect/drop timers, RTT
+    discovery   mesh/discovery.py  static peers (re-dialed forever), mDNS (optional)
+
+plus three small services of its own:
+
+- pings: one ``/mesh/ping/1`` stream per admitted peer, an 8-byte echo every
+  ``PING_INTERVAL`` (2 s), feeding the view's RTT.
+- dials: peers we learn about from gossip or mDNS are dialed (at most once per
+  ``REDIAL_INTERVAL`` each), so a mesh bootstrapped through one static peer becomes
+  fully connected and the router's first stream to any member finds a live connection.
+- ticks: the view's suspect/drop clock, every ``TICK_INTERVAL`` (0.5 s, so "unseen for 3 s"
+  is noticed within 3.5 s).
+
+Streams. ``Stream`` wraps a libp2p stream: ``read`` returns b"" at EOF (libp2p raises),
+errors become ``PeerError``, ``close()`` half-closes (the peer reads EOF; we can still
+read its answer). A stream is released once both directions are closed, or on
+``reset()``; ``async with stream:`` resets on error and closes otherwise. Handlers get
+their stream closed (or reset, if they raise) when they return. py-libp2p leaves a
+stream whose handler raised open forever, and keeps half-closed streams in its
+resource accounting until the second close: both handled here.
+
+Errors. ``open_stream`` and ``connect`` raise ``AdmissionDenied`` when the peer holds
+another token (pnet key check or handshake) or was denied, and ``PeerError`` when it
+cannot be reached, does not answer within ``DIAL_TIMEOUT``, or does not speak the
+protocol. Nothing here waits longer than ``DIAL_TIMEOUT`` + ``ADMIT_TIMEOUT`` +
+``STREAM_OPEN_TIMEOUT``.
+
+Logging. py-libp2p logs expected churn (a peer with another token, a closed connection)
+at ERROR with tracebacks, printed through ``logging.lastResort`` (libp2p gives its logger
+no handler). Unless ``LIBP2P_DEBUG`` is set (py-libp2p's own switch), ``open_p2p`` raises
+the ``libp2p`` logger's level to CRITICAL. Our own modules log under ``mesh.*``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.peer.id import ID
+
+from mesh.admission import ADMIT_TIMEOUT, Admission, serve_admission
+from mesh.discovery import DIAL_TIMEOUT, open_mdns, serve_static_peer
+from mesh.errors import AdmissionDenied, MeshError, PeerError
+from mesh.gossip import Publisher, StateValidator, open_pubsub, serve_subscriber
+from mesh.host import PEERSTORE_ADDR_TTL, _reason, connect_addr, dial, open_host, split_peer_addr
+from mesh.identity import load_or_create_identity
+from mesh.token import Token
+from mesh.view import Connected, Disconnected, RttMeasured, StateSeen, Tick, View
+from mesh.wire import NodeState
+
+__all__ = ["P2P", "Stream", "open_p2p", "PING_PROTOCOL", "DIAL_TIMEOUT", "STREAM_OPEN_TIMEOUT"]
+
+log = logging.getLogger(__name__)
+
+PING_PROTOCOL = "/mesh/ping/1"
+PING_INTERVAL = 2.0          # s between RTT samples per peer
+PING_TIMEOUT = 2.0           # s; a LAN round trip is ~1 ms
+STREAM_OPEN_TIMEOUT = 5.0    # s for multistream negotiation of a new stream
+REDIAL_INTERVAL = 5.0        # s between two dials of one gossiped / mDNS-found peer
+TICK_INTERVAL = 0.5          # s between view clock ticks
+_PING_BYTES = 8
+
+
+class Stream:
+    """A bidirectional byte stream to one peer over one protocol."""
+
+    def __init__(self, net_stream: Any, peer_id: str, protocol: str) -> None:
+        self._s = net_stream
+        self.peer_id = peer_id
+        self.protocol = protocol
+        self._eof = False
+        self._write_closed = False
+        self._done = False
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        """Up to ``max_bytes`` bytes; b"" once the peer has closed its side."""
+        if self._eof:
+            return b""
+        try:
+            data = await self._s.read(max_bytes)
+        except StreamEOF:
+            data = b""
+        except Exception as exc:
+            raise PeerError(f"stream from {self.peer_id[-8:]} broke: {_reason(exc)}") from exc
+        if not data:
+            self._eof = True
+            if self._write_closed:
+                await self._release()
+        return data
+
+    async def read_exactly(self, n: int) -> bytes:
+        """Exactly ``n`` bytes; PeerError if the stream ends first."""
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = await self.read(n - len(buf))
+            if not chunk:
+                raise PeerError(f"stream from {self.peer_id[-8:]} ended after {len(buf)} of {n} bytes")
+            buf += chunk
+        return bytes(buf)
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self._s.write(data)
+        except Exception as exc:
+            raise PeerError(f"stream to {self.peer_id[-8:]} broke: {_reason(exc)}") from exc
+
+    async def close(self) -> None:
+        """Half-close: the peer reads EOF; reading our side stays possible."""
+        if self._write_closed or self._done:
+            return
+        self._write_closed = True
+        try:
+            if self._eof:
+                await self._release()
+            else:
+                await self._s.close_write()
+        except Exception as exc:
+            log.debug("closing a stream to %s: %r", self.peer_id, exc)
+
+    async def reset(self) -> None:
+        """Abort both directions at once."""
+        if self._done:
+            return
+        self._done = True
+        with trio.CancelScope(shield=True):
+            try:
+                await self._s.reset()
+            except Exception:
+                pass
+
+    async def _release(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        with trio.CancelScope(shield=True):
+            try:
+                await self._s.close()
+            except Exception:
+                pass
+
+    async def aclose(self) -> None:
+        """Done with the stream: half-close it and release it (no more reads)."""
+        await self.close()
+        await self._release()
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if exc_type is None:
+            await self.aclose()
+        else:
+            await self.reset()
+
+
+class _Mismatches:
+    """Connections refused by the pnet key check: a peer with another token."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._at: dict[tuple[str, int], float] = {}
+
+    def record(self, addr: tuple[str, int] | None) -> None:
+        self.count += 1
+        if addr is not None:
+            self._at[(str(addr[0]), int(addr[1]))] = trio.current_time()
+
+    def since(self, addrs: Sequence[Any], t0: float) -> bool:
+        for a in addrs:
+            ma = multiaddr.Multiaddr(str(a))
+            try:
+                key = (ma.value_for_protocol("ip4") or ma.value_for_protocol("ip6"), int(ma.value_for_protocol("tcp")))
+            except Exception:
+                continue
+            if self._at.get(key, -1.0) >= t0:
+                return True
+        return False
+
+
+class P2P:
+    """The running p2p layer. Made by ``open_p2p``; valid inside its ``async with`` block."""
+
+    def __init__(self, host: Any, token: Token, name: str) -> None:
+        self._host = host
+        self._keys = token.keys
+        self._me: ID = host.get_id()
+        self.peer_id: str = self._me.to_base58()
+        self.name = name
+        self.view = View()
+        self._mism = _Mismatches()
+        self._admission = Admission(host, self._keys.hmac_key, on_admitted=self._on_admitted,
+                                    on_denied=self._on_denied)
+        self._validator = StateValidator(me=self._me, hmac_key=self._keys.hmac_key,
+                                         is_admitted=self._admission.is_admitted)
+        self._publisher: Publisher | None = None
+        self._conn_changed = trio.Event()
+        self._dial_locks: dict[ID, trio.Lock] = {}
+        self._dial_send, self._dial_recv = trio.open_memory_channel[tuple[str, list[str]]](1024)
+        self._admitted_send, self._admitted_recv = trio.open_memory_channel[str](1024)
+
+    # ------------------------------------------------------------------ public
+    @property
+    def mesh_id(self) -> str:
+        return self._keys.mesh_id
+
+    @property
+    def addrs(self) -> list[str]:
+        """Our advertised multiaddrs, each ending in /p2p/<peer id>."""
+        return [str(a) for a in self._host.get_addrs()]
+
+    @property
+    def denied_count(self) -> int:
+        """Connections and handshakes refused because the peer holds another token."""
+        return self._admission.denied_count + self._mism.count
+
+    @property
+    def rejected_gossip_count(self) -> int:
+        return self._validator.rejected
+
+    def notify_changed(self) -> None:
+        """Our state changed: publish it soon (coalesced, at most 4 messages/s)."""
+        if self._publisher is not None:
+            self._publisher.notify()
+
+    def is_connected(self, peer_id: str) -> bool:
+        try:
+            pid = ID.from_base58(peer_id)
+        except Exception:
+            return False
+        return self._connected(pid)
+
+    def connected_peers(self) -> list[str]:
+        """Peers with a live, admitted connection."""
+        return sorted(p.to_base58() for p in self._admission.admitted_peers() if self._connected(p))
+
+    def set_handler(self, protocol: str, handler: Callable[[Stream, str], Awaitable[None]]) -> None:
+        """Serve ``protocol``: ``handler(stream, peer_id)`` runs per stream, admitted peers only."""
+
+        async def run(net_stream: Any) -> None:
+            peer = net_stream.muxed_conn.peer_id.to_base58()
+            stream = Stream(net_stream, peer, protocol)
+            try:
+                await handler(stream, peer)
+            except Exception:
+                log.exception("handler for %s from %s failed", protocol, peer)
+                await stream.reset()
+            else:
+                await stream.aclose()
+            finally:
+                if not stream._done:  # cancelled: the connection is going away
+                    await stream.reset()
+
+        self._host.set_stream_handler(TProtocol(protocol), self._admission.gate(run))
+
+    async def open_stream(self, peer_id: str, protocol: str) -> Stream:
+        """A new stream to an admitted peer, dialing it first if needed."""
+        pid = self._parse_peer(peer_id)
+        await self._ensure_admitted(pid)
+        try:
+            with trio.fail_after(STREAM_OPEN_TIMEOUT):
+                net = await self._host.new_stream(pid, [TProtocol(protocol)])
+        except trio.TooSlowError as exc:
+            raise PeerError(f"peer {peer_id[-8:]} did not open {protocol} within {STREAM_OPEN_TIMEOUT:.0f} s") from exc
+        except Exception as exc:
+            raise PeerError(f"peer {peer_id[-8:]} cannot open {protocol}: {_reason(exc)}") from exc
+        return Stream(net, peer_id, protocol)
+
+    async def connect(self, addr: str) -> str:
+        """Connect to a peer address (``/ip4/../tcp/N[/p2p/<id>]``); its peer id once admitted."""
+        ma, pid = split_peer_addr(addr)
+        if pid is not None:
+            self._check_not_self_or_denied(pid)
+        t0 = trio.current_time()
+        try:
+            with trio.fail_after(DIAL_TIMEOUT):
+                if pid is None:
+                    got = await connect_addr(self._host, addr)
+                else:
+                    async with self._lock(pid):
+                        got = await connect_addr(self._host, addr)
+        except (PeerError, trio.TooSlowError) as exc:
+            if self._mism.since([ma], t0):
+                raise AdmissionDenied(f"{addr} belongs to another mesh (its token differs)") from exc
+            if isinstance(exc, trio.TooSlowError):
+                raise PeerError(f"{addr} did not answer within {DIAL_TIMEOUT:.0f} s") from exc
+            raise
+        await self._await_admission(got)
+        return got.to_base58()
+
+    # ------------------------------------------------------------------ internals
+    def _parse_peer(self, peer_id: str) -> ID:
+        try:
+            pid = ID.from_base58(peer_id)
+        except Exception as exc:
+            raise PeerError(f"not a peer id: {peer_id!r}") from exc
+        self._check_not_self_or_denied(pid)
+        return pid
+
+    def _check_not_self_or_denied(self, pid: ID) -> None:
+        if pid == self._me:
+            raise PeerError("that is this node itself")
+        if self._admission.is_denied(pid):
+            raise AdmissionDenied(f"peer {pid.to_base58()[-8:]} was denied: {self._admission.denied_reason(pid)}")
+
+    def _connected(self, pid: ID) -> bool:
+        return any(not c.is_closed for c in self._host.get_network().get_connections(pid))
+
+    def _lock(self, pid: ID) -> trio.Lock:
+        lock = self._dial_locks.get(pid)
+        if lock is None:
+            lock = self._dial_locks[pid] = trio.Lock()
+        return lock
+
+    def _known_addrs(self, pid: ID, extra: Sequence[str] = ()) -> list[multiaddr.Multiaddr]:
+        out: list[multiaddr.Multiaddr] = []
+        for a in extra:
+            try:
+                out.append(split_peer_addr(a)[0])
+            except MeshError:
+                pass
+        peer = self.view.get(pid.to_base58())
+        if peer is not None:
+            for a in peer.state.addrs:
+                try:
+                    out.append(split_peer_addr(a)[0])
+                except MeshError:
+                    pass
+        try:
+            out.extend(self._host.get_peerstore().addrs(pid))
+        except Exception:
+            pass
+        return out
+
+    async def _ensure_admitted(self, pid: ID, extra_addrs: Sequence[str] = ()) -> None:
+        if not self._connected(pid):
+            addrs = self._known_addrs(pid, extra_addrs)
+            if not addrs:
+                raise PeerError(f"no known address for peer {pid.to_base58()[-8:]}")
+            t0 = trio.current_time()
+            try:
+                with trio.fail_after(DIAL_TIMEOUT):
+                    async with self._lock(pid):
+                        await dial(self._host, pid, addrs)
+            except (PeerError, trio.TooSlowError) as exc:
+                if self._mism.since(addrs, t0):
+                    raise AdmissionDenied(f"peer {pid.to_base58()[-8:]} belongs to another mesh (its token differs)") from exc
+                if isinstance(exc, trio.TooSlowError):
+                    raise PeerError(f"peer {pid.to_base58()[-8:]} did not answer within {DIAL_TIMEOUT:.0f} s") from exc
+                raise
+        await self._await_admission(pid)
+
+    async def _await_admission(self, pid: ID) -> None:
+        if await self._admission.wait_admitted(pid, ADMIT_TIMEOUT):
+            return
+        if self._admission.is_denied(pid):
+            raise AdmissionDenied(f"peer {pid.to_base58()[-8:]} was denied: {self._admission.denied_reason(pid)}")
+        raise PeerError(f"peer {pid.to_base58()[-8:]} was not admitted within {ADMIT_TIMEOUT:.0f} s")
+
+    def _changed_event(self) -> trio.Event:
+        return self._conn_changed
+
+    def _bump(self) -> None:
+        self._conn_changed.set()
+        self._conn_changed = trio.Event()
+
+    # callbacks (run in trio, must not block)
+    def _on_admitted(self, peer: str) -> None:
+        self.view.apply(Connected(peer))
+        self._bump()
+        try:
+            self._admitted_send.send_nowait(peer)
+        except trio.WouldBlock:
+            pass
+
+    def _on_denied(self, peer: str, reason: str) -> None:
+        self._bump()
+
+    def _on_disconnected(self, peer: str) -> None:
+        self.view.apply(Disconnected(peer))
+        self._bump()
+
+    def _on_state(self, peer: str, state: NodeState) -> None:
+        self.view.apply(StateSeen(peer, state, trio.current_time(), time.time()))
+        if not self.is_connected(peer):
+            self._request_dial(peer, state.addrs)
+
+    def _request_dial(self, peer: str, addrs: list[str]) -> None:
+        try:
+            self._dial_send.send_nowait((peer, addrs))
+        except trio.WouldBlock:
+            pass
+
+    # services
+    async def _serve_ticks(self) -> None:
+        while True:
+            self.view.apply(Tick(trio.current_time()))
+            await trio.sleep(TICK_INTERVAL)
+
+    async def _serve_dials(self) -> None:
+        last: dict[ID, float] = {}
+        in_flight: set[ID] = set()
+
+        async def one(pid: ID, addrs: list[str]) -> None:
+            try:
+                await self._ensure_admitted(pid, addrs)
+            except MeshError as exc:
+                log.debug("dial to %s failed: %s", pid, exc)
+            finally:
+                in_flight.discard(pid)
+
+        async with trio.open_nursery() as nursery:
+            async for peer, addrs in self._dial_recv:
+                try:
+                    pid = ID.from_base58(peer)
+                except Exception:
+                    continue
+                now = trio.current_time()
+                if (pid == self._me or pid in in_flight or self._connected(pid)
+                        or self._admission.is_denied(pid) or now - last.get(pid, -REDIAL_INTERVAL) < REDIAL_INTERVAL):
+                    continue
+                last[pid] = now
+                in_flight.add(pid)
+                nursery.start_soon(one, pid, addrs)
+
+    async def _serve_pings(self) -> None:
+        pinging: set[str] = set()
+
+        async def pinger(peer: str) -> None:
+            pid = ID.from_base58(peer)
+            try:
+                while self._connected(pid) and self._admission.is_admitted(pid):
+                    try:
+                        async with await self.open_stream(peer, PING_PROTOCOL) as s:
+                            while True:
+                                payload = os.urandom(_PING_BYTES)
+                                t0 = trio.current_time()
+                                await s.write(payload)
+                                with trio.fail_after(PING_TIMEOUT):
+                                    echo = await s.read_exactly(_PING_BYTES)
+                                if echo != payload:
+                                    raise PeerError("ping echo mismatch")
+                                self.view.apply(RttMeasured(peer, (trio.current_time() - t0) * 1000.0))
+                                await trio.sleep(PING_INTERVAL)
+                    except (MeshError, trio.TooSlowError) as exc:
+                        log.debug("ping %s: %s", peer, exc)
+                    await trio.sleep(PING_INTERVAL)
+            finally:
+                pinging.discard(peer)
+
+        async with trio.open_nursery() as nursery:
+            async for peer in self._admitted_recv:
+                if peer not in pinging:
+                    pinging.add(peer)
+                    nursery.start_soon(pinger, peer)
+
+    @staticmethod
+    async def _handle_ping(stream: Stream, peer: str) -> None:
+        while True:
+            try:
+                data = await stream.read_exactly(_PING_BYTES)
+            except PeerError:
+                return
+            await stream.write(data)
+
+    async def _serve_mdns(self) -> None:
+        ports = [a.value_for_protocol("tcp") for a in self._host.get_transport_addrs()]
+        try:
+            async with open_mdns(mesh_id=self.mesh_id, peer_id=self.peer_id, port=int(ports[0]),
+                                 addrs=self.addrs) as finds:
+                async for peer, addrs in finds:
+                    log.debug("mDNS found %s at %s", peer, addrs)
+                    self._request_dial(peer, addrs)
+        except (OSError, RuntimeError) as exc:
+            log.warning("mDNS discovery unavailable (%s); use --peer to join other nodes", exc)
+
+
+def _quiet_libp2p_logs() -> None:
+    # Importing libp2p sets its logger to WARNING with no handler, so without this its
+    # expected-churn errors reach stderr through logging.lastResort.
+    if not os.environ.get("LIBP2P_DEBUG"):
+        logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+
+
+@asynccontextmanager
+async def open_p2p(*, home: Path, token: Token, name: str, listen_host: str, p2p_port: int,
+                   peers: Sequence[str], mdns: bool, state: Callable[[], NodeState]) -> AsyncIterator[P2P]:
+    """Join the mesh for the duration of the block (see the module note)."""
+    _quiet_libp2p_logs()
+    key_pair = load_or_create_identity(Path(home))
+    holder: dict[str, P2P] = {}
+
+    def on_mismatch(addr: tuple[str, int] | None) -> None:
+        if "p2p" in holder:
+            holder["p2p"]._mism.record(addr)
+        log.warning("refused a connection %s %s: it holds a different mesh token",
+                    "with" if addr else "", f"{addr[0]}:{addr[1]}" if addr else "")
+
+    async with open_host(key_pair, token.keys.psk, listen_host=listen_host, port=p2p_port,
+                         on_mismatch=on_mismatch) as host:
+        p2p = holder["p2p"] = P2P(host, token, name)
+        async with trio.open_nursery() as outer:
+            await outer.start(partial(serve_admission, host, p2p._admission, on_disconnected=p2p._on_disconnected))
+            async with open_pubsub(host, p2p._admission.gate, p2p._validator) as pubsub:
+                publisher = Publisher(pubsub, hmac_key=token.keys.hmac_key, state=state,
+                                      node_id=p2p.peer_id, addrs=lambda: p2p.addrs)
+                p2p._publisher = publisher
+                p2p.set_handler(PING_PROTOCOL, P2P._handle_ping)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(serve_subscriber, pubsub, p2p._validator, p2p._on_state)
+                    nursery.start_soon(publisher.serve)
+                    nursery.start_soon(p2p._serve_ticks)
+                    nursery.start_soon(p2p._serve_dials)
+                    nursery.start_soon(p2p._serve_pings)
+                    for addr in dict.fromkeys([*token.bootstrap, *peers]):
+                        await nursery.start(partial(serve_static_peer, addr, connect=p2p.connect,
+                                                    is_connected=p2p.is_connected, changed=p2p._changed_event))
+                    if mdns:
+                        nursery.start_soon(p2p._serve_mdns)
+                    log.info("p2p up: %s mesh %s at %s", p2p.peer_id, p2p.mesh_id, ", ".join(p2p.addrs))
+                    try:
+                        yield p2p
+                    finally:
+                        p2p._publisher = None
+                        nursery.cancel_scope.cancel()
+            outer.cancel_scope.cancel()

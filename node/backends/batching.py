@@ -1,0 +1,500 @@
+"""Continuous batching for llama.cpp: N slots, one scheduler thread, one batch per step.
+
+Design notes
+------------
+The KV cache. One llama context holds `parallel` sequences (seq_id 0..N-1, one per slot)
+in a *split* cache, llama-server's default: n_ctx = context_size * parallel and
+`kv_unified = False`, so each sequence owns a stream of exactly `context_size` cells. A
+request can never run out of room because its neighbours are long (its limit is checked
+at admission), and attention reads only the sequence's own stream instead of every
+slot's cells under a mask. The price is that one sequence cannot borrow idle slots'
+cells; cross-slot prefix sharing (`seq_cp`) is not used either (see "left out").
+
+A step. The scheduler thread loops:
+  1. reap: a request whose cancel event is set leaves (finish_reason "cancelled"), queued
+     or running; its slot is free for this very step;
+  2. admit: queued requests, first come first served, take free slots (see prompt cache);
+  3. build ONE `llama_batch`: the last sampled token of every generating sequence (one
+     token each, logits on), then prompt tokens of admitted requests, oldest first, up
+     to a prefill budget (PREFILL_CHUNK while anything is generating, the whole n_batch
+     when nothing is), so a long prompt is eaten over several steps while the running
+     streams keep producing a token per step. Logits are asked for a prompt only on the
+     step that feeds its last token;
+  4. `llama_decode` (releases the GIL: the worker's reader thread keeps answering
+     `cancel`/`stats` meanwhile);
+  5. for every row with logits, the request's own sampler chain picks a token
+     (`llama_sampler_sample(chain, ctx, row)`), which is turned into text and checked
+     against EOG, stop strings and max_tokens. A request that is done sends its `done`
+     frame and frees its slot; the next step admits whoever waits.
+The thread sleeps on a condition variable when no request is queued or running.
+
+Sampling. Each request gets its own llama.cpp sampler chain: penalties (last
+PENALTY_LAST_N tokens, prompt included, like llama-server) -> greedy when temperature
+is 0, else top_k -> top_p -> min_p -> temp -> dist(seed). The same order as
+llama-cpp-python's `Llama._init_sampler`, so a seed means the same thing as before.
+Rows of one batch do not influence each other's logits, so greedy text is the same
+batched or alone (tests/test_batching.py checks it through the API).
+
+Text. Token pieces are bytes; an incremental UTF-8 decoder holds a partial multibyte
+character until the next token completes it. Stop strings: text that could still be the
+start of a stop string is held back (the longest suffix that is a prefix of a stop), so a
+stop string never leaks, not even partly; at the end the held text is released.
+
+Prompt cache. A slot remembers the tokens whose KV its sequence holds (prompt plus the
+generated tokens that were fed back). A new request goes to the FREE slot whose cache
+shares the longest prefix with its prompt (ties, including "no match": the least
+recently used slot, so that recent conversations keep their cache). Cells past the
+common prefix are removed (`llama_memory_seq_rm(seq, n_keep, -1)`) and only the suffix
+is evaluated; at least the last prompt token is always re-evaluated, since its logits
+are needed. `usage.prompt_tokens_details.cached_tokens` = n_keep. A request that ends
+normally or is cancelled leaves its cells in place (they are its slot's cache; in a
+split cache no other sequence could use them); a failed decode clears the sequence.
+
+Left out on purpose
+- Context shift / truncation: a prompt that does not fit its slot is refused (400
+  context_length_exceeded), and generation stops at the slot's end ("length").
+- Cross-slot prefix sharing (seq_cp from a busy slot) and a unified cache: with
+  kv_unified each sequence's attention spans every slot's cells, slower here.
+- Cost-aware slot choice (llama-server's similarity threshold, LRU by cache size),
+  speculative decoding, grammars, logprobs, n > 1.
+- Preemption: a running request keeps its slot until it ends; the queue is FCFS and
+  unbounded here (the node caps it with max_queue before it gets here).
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import ctypes
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import llama_cpp
+
+log = logging.getLogger("node.backends.batching")
+
+Emit = Callable[[dict[str, Any]], None]
+
+PREFILL_CHUNK = 256        # prompt tokens per step while others generate (~0.2 s of prefill
+                           # for a 135M model on 2 cores: a stream stalls at most that long)
+PENALTY_LAST_N = 64        # llama-cpp-python's last_n_tokens_size default
+TPS_WINDOW_S = 10.0        # tokens_per_s: generated tokens / busy step time, last 10 s
+RANDOM_SEED = 0xFFFFFFFF   # LLAMA_DEFAULT_SEED: llama.cpp draws a random seed
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+
+    @classmethod
+    def from_params(cls, p: dict[str, Any]) -> "Sampling":
+        d = cls()
+        return cls(
+            temperature=float(p.get("temperature", d.temperature)),
+            top_p=float(p.get("top_p", d.top_p)), top_k=int(p.get("top_k", d.top_k)),
+            min_p=float(p.get("min_p", d.min_p)),
+            presence_penalty=float(p.get("presence_penalty", d.presence_penalty)),
+            frequency_penalty=float(p.get("frequency_penalty", d.frequency_penalty)),
+            repeat_penalty=float(p.get("repeat_penalty", d.repeat_penalty)),
+            seed=None if p.get("seed") is None else int(p["seed"]))
+
+    def chain(self, n_vocab: int) -> llama_cpp.llama_sampler_p:
+        """A new llama.cpp sampler chain (free with llama_sampler_free)."""
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
+        if self.penalised:
+            add(llama_cpp.llama_sampler_init_penalties(
+                n_vocab, PENALTY_LAST_N, self.repeat_penalty, self.frequency_penalty,
+                self.presence_penalty))
+        if self.temperature <= 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+            return chain
+        if self.top_k > 0:
+            add(llama_cpp.llama_sampler_init_top_k(self.top_k))
+        if self.top_p < 1.0:
+            add(llama_cpp.llama_sampler_init_top_p(self.top_p, 1))
+        if self.min_p > 0.0:
+            add(llama_cpp.llama_sampler_init_min_p(self.min_p, 1))
+        add(llama_cpp.llama_sampler_init_temp(self.temperature))
+        seed = RANDOM_SEED if self.seed is None else self.seed & 0xFFFFFFFF
+        add(llama_cpp.llama_sampler_init_dist(seed))
+        return chain
+
+    @property
+    def penalised(self) -> bool:
+        return (self.repeat_penalty != 1.0 or self.frequency_penalty != 0.0
+                or self.presence_penalty != 0.0)
+
+
+class TextStream:
+    """Bytes of token pieces in, text safe to show out: whole UTF-8 characters only, and
+    nothing that could turn out to be the start of a stop string."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = ""
+
+    def push(self, data: bytes, *, final: bool = False) -> tuple[str, bool]:
+        """Add bytes; return (text to emit now, whether a stop string was reached).
+        With final=True everything still held is released (unless it holds a stop)."""
+        held = self._held + self._decoder.decode(data, final)
+        cut = min((i for i in (held.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._held = ""
+            return held[:cut], True
+        if final:
+            self._held = ""
+            return held, False
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(held)), keep, -1):
+                if held.endswith(s[:k]):
+                    keep = k
+                    break
+        self._held = held[len(held) - keep:] if keep else ""
+        return held[:len(held) - keep], False
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation request inside the scheduler."""
+    prompt: list[int]
+    max_tokens: int
+    stops: list[str]
+    sampling: Sampling
+    emit: Emit
+    cancel: threading.Event
+    seq: int = field(default_factory=itertools.count().__next__)
+    t_submit: float = field(default_factory=time.perf_counter)
+    n_cached: int = 0
+    n_fed: int = 0                 # prompt tokens evaluated (or taken from the cache)
+    n_generated: int = 0
+    next_token: int | None = None  # sampled, not yet fed back
+    chain: Any = None
+    text: TextStream | None = None
+    t_first: float | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.next_token is None
+
+
+@dataclass(eq=False)
+class Slot:
+    id: int                        # = the llama seq_id
+    cache: list[int] = field(default_factory=list)   # tokens whose KV the sequence holds
+    job: Job | None = None
+    last_used: int = 0
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    step = 64
+    i = 0
+    while i + step <= n and a[i:i + step] == b[i:i + step]:
+        i += step
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class BatchScheduler:
+    """Runs generation for up to `n_slots` requests at once on one llama context.
+
+    `submit` may be called from any thread; everything else that touches the context
+    happens on the scheduler's own thread."""
+
+    def __init__(self, model: llama_cpp.llama_model_p, vocab: llama_cpp.llama_vocab_p, *,
+                 n_slots: int, n_ctx_slot: int, threads: int, flash_attn: bool = True,
+                 n_batch: int = 512) -> None:
+        self.model, self.vocab = model, vocab
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        self.n_batch = max(n_batch, n_slots)
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx = n_ctx_slot * n_slots
+        p.n_batch = p.n_ubatch = self.n_batch
+        p.n_seq_max = n_slots
+        p.kv_unified = False
+        p.n_threads = p.n_threads_batch = threads
+        p.no_perf = True
+        p.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                             else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        self.ctx = llama_cpp.llama_init_from_model(model, p)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create the context "
+                               f"({n_slots} slots x {n_ctx_slot} tokens)")
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.n_ctx_slot = int(llama_cpp.llama_n_ctx_seq(self.ctx))
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.slots = [Slot(i) for i in range(n_slots)]
+        self._use = itertools.count(1)
+        self._pieces: dict[int, bytes] = {}
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._tps: collections.deque[tuple[float, float, int]] = collections.deque()
+        self.tokens_per_s = 0.0
+        self._thread = threading.Thread(target=self._serve, name="llama-scheduler", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ public
+    def submit(self, job: Job) -> None:
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            self._queue.append(job)
+            self._cv.notify()
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for s in self.slots if s.job is not None)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def stats(self) -> dict[str, Any]:
+        return {"busy": self.busy, "queued": self.queued, "slots": len(self.slots),
+                "tokens_per_s": round(self.tokens_per_s, 2)}
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            llama_cpp.llama_batch_free(self.batch)
+            llama_cpp.llama_free(self.ctx)
+
+    # ------------------------------------------------------------ the loop
+    def _serve(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._queue and self.busy == 0:
+                    self._cv.wait()
+                if self._closed:
+                    return
+            try:
+                self._step()
+            except Exception:  # a bug here must not silently stall every request
+                log.exception("scheduler step failed")
+                for s in self.slots:
+                    if s.job is not None:
+                        self._fail(s, "internal error in the batch scheduler")
+
+    def _step(self) -> None:
+        self._reap()
+        self._admit()
+        rows = self._fill()
+        if not rows and self.batch.n_tokens == 0:
+            return
+        t0 = time.perf_counter()
+        rc = llama_cpp.llama_decode(self.ctx, self.batch)
+        dt = time.perf_counter() - t0
+        if rc != 0:
+            self._decode_failed(rc)
+            return
+        self._advance()
+        n_out = 0
+        for slot, row in rows:
+            job = slot.job
+            tok = llama_cpp.llama_sampler_sample(job.chain, self.ctx, row)
+            if not job.prefilling:
+                n_out += 1
+            self._on_token(slot, tok)
+        self._account(dt, n_out)
+
+    # ---------------------------------------------------- step, in parts
+    def _reap(self) -> None:
+        for s in self.slots:
+            if s.job is not None and s.job.cancel.is_set():
+                self._finish(s, "cancelled")
+        with self._cv:
+            gone = [j for j in self._queue if j.cancel.is_set()]
+            for j in gone:
+                self._queue.remove(j)
+        for j in gone:
+            self._send(j, {"type": "done", "finish_reason": "cancelled",
+                           "usage": _usage(len(j.prompt), 0, 0)})
+
+    def _admit(self) -> None:
+        while True:
+            free = [s for s in self.slots if s.job is None]
+            if not free:
+                return
+            with self._cv:
+                if not self._queue:
+                    return
+                job = self._queue.popleft()
+            best, n_common = None, -1
+            for s in sorted(free, key=lambda s: s.last_used):
+                n = common_prefix(s.cache, job.prompt)
+                if n > n_common:
+                    best, n_common = s, n
+            self._start(best, job, n_common)
+
+    def _start(self, slot: Slot, job: Job, n_common: int) -> None:
+        n_keep = min(n_common, len(job.prompt) - 1)
+        if not llama_cpp.llama_memory_seq_rm(self.mem, slot.id, n_keep, -1):
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.id, -1, -1)
+            n_keep = 0
+        del slot.cache[n_keep:]
+        slot.job, slot.last_used = job, next(self._use)
+        job.n_cached = job.n_fed = n_keep
+        job.text = TextStream(job.stops)
+        job.chain = job.sampling.chain(self.n_vocab)
+        if job.sampling.penalised:
+            for t in job.prompt[-PENALTY_LAST_N:]:
+                llama_cpp.llama_sampler_accept(job.chain, t)
+
+    def _fill(self) -> list[tuple[Slot, int]]:
+        """Put this step's tokens into self.batch; return the rows to sample from."""
+        b = self.batch
+        n = 0
+        rows: list[tuple[Slot, int]] = []
+        self._fed: list[tuple[Slot, list[int]]] = []
+
+        def add(slot: Slot, toks: list[int], want_last: bool) -> None:
+            nonlocal n
+            pos0 = len(slot.cache)
+            for k, t in enumerate(toks):
+                b.token[n] = t
+                b.pos[n] = pos0 + k
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = slot.id
+                b.logits[n] = 0
+                n += 1
+            if want_last:
+                b.logits[n - 1] = 1
+                rows.append((slot, n - 1))
+            self._fed.append((slot, toks))
+
+        generating = [s for s in self.slots if s.job is not None and not s.job.prefilling]
+        for s in generating:
+            add(s, [s.job.next_token], True)
+        budget = self.n_batch - n
+        if generating:
+            budget = min(budget, PREFILL_CHUNK)
+        waiting = sorted((s for s in self.slots if s.job is not None and s.job.prefilling),
+                         key=lambda s: s.job.seq)
+        for s in waiting:
+            if budget <= 0:
+                break
+            job = s.job
+            take = job.prompt[job.n_fed:job.n_fed + budget]
+            job.n_fed += len(take)
+            budget -= len(take)
+            add(s, take, job.n_fed == len(job.prompt))
+        b.n_tokens = n
+        return rows
+
+    def _advance(self) -> None:
+        for slot, toks in self._fed:
+            slot.cache.extend(toks)
+
+    def _on_token(self, slot: Slot, tok: int) -> None:
+        job = slot.job
+        job.n_generated += 1
+        if job.t_first is None:
+            job.t_first = time.perf_counter()
+        if llama_cpp.llama_vocab_is_eog(self.vocab, tok):
+            self._finish(slot, "stop")
+            return
+        job.next_token = tok
+        text, stopped = job.text.push(self._piece(tok))
+        if text:
+            if not self._send(job, {"type": "delta", "text": text}):
+                self._finish(slot, "cancelled", quiet=True)
+                return
+        if stopped:
+            self._finish(slot, "stop", flush=False)
+        elif job.n_generated >= job.max_tokens:
+            self._finish(slot, "length")
+
+    def _finish(self, slot: Slot, reason: str, *, flush: bool = True,
+                quiet: bool = False) -> None:
+        job = slot.job
+        slot.job = None
+        slot.last_used = next(self._use)
+        if job.chain is not None:
+            llama_cpp.llama_sampler_free(job.chain)
+            job.chain = None
+        if job.t_first is not None:
+            log.debug("request done (%s): %d prompt (%d cached), %d generated, ttft %.3f s, "
+                      "%.3f s", reason, len(job.prompt), job.n_cached, job.n_generated,
+                      job.t_first - job.t_submit, time.perf_counter() - job.t_submit)
+        if quiet:
+            return
+        if flush and reason != "cancelled":
+            text, _ = job.text.push(b"", final=True)
+            if text:
+                self._send(job, {"type": "delta", "text": text})
+        self._send(job, {"type": "done", "finish_reason": reason,
+                         "usage": _usage(len(job.prompt), job.n_generated, job.n_cached)})
+
+    def _fail(self, slot: Slot, message: str) -> None:
+        job = slot.job
+        slot.job = None
+        if job.chain is not None:
+            llama_cpp.llama_sampler_free(job.chain)
+            job.chain = None
+        llama_cpp.llama_memory_seq_rm(self.mem, slot.id, -1, -1)
+        slot.cache.clear()
+        self._send(job, {"type": "error", "status": 500, "code": "backend_error",
+                         "message": message, "param": None})
+
+    def _decode_failed(self, rc: int) -> None:
+        log.error("llama_decode returned %d for a batch of %d tokens", rc, self.batch.n_tokens)
+        for slot, _ in self._fed:
+            if slot.job is not None:
+                self._fail(slot, f"llama_decode failed ({rc})")
+
+    def _send(self, job: Job, frame: dict[str, Any]) -> bool:
+        """Emit a frame; False when the other side is gone (the request is dropped)."""
+        try:
+            job.emit(frame)
+            return True
+        except Exception as exc:  # OSError when the parent went away, or a frame error
+            log.warning("dropping a request: cannot send its frame (%s)", exc)
+            job.cancel.set()
+            return False
+
+    def _piece(self, tok: int) -> bytes:
+        piece = self._pieces.get(tok)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self.vocab, tok, buf, 64, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self.vocab, tok, buf, -n, 0, False)
+            piece = self._pieces[tok] = buf.raw[:max(n, 0)]
+        return piece
+
+    def _account(self, dt: float, n_out: int) -> None:
+        if n_out == 0:
+            return
+        now = time.monotonic()
+        self._tps.append((now, dt, n_out))
+        while self._tps and now - self._tps[0][0] > TPS_WINDOW_S:
+            self._tps.popleft()
+        busy = sum(d for _, d, _ in self._tps)
+        if busy > 0:
+            self.tokens_per_s = sum(k for _, _, k in self._tps) / busy
+
+
+def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
