@@ -23,6 +23,9 @@ Settings and where their values come from (design brief, "What we learned", unle
   peers, mDNS finds and gossiped members (mesh/discovery.py, mesh/p2p.py).
 - ``disable_identify_address_discovery``: advertised addresses are the listen addresses
   (wildcards expanded to the machine's addresses), never what a peer says it saw.
+- Shutdown calls ``host.close()`` explicitly (bounded by ``SHUTDOWN_TIMEOUT``): leaving
+  ``host.run()``'s block only cancels the swarm service, whose cleanup then dies on the
+  cancellation and leaves the listening socket open.
 
 Private network (pnet). py-libp2p's own pnet (``psk=``) is XSalsa20 over the stream with
 no key check: with a wrong key both ends read noise until a 10-30 s timeout (measured:
@@ -81,6 +84,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 INBOUND_UPGRADE_TIMEOUT = 5.0
+SHUTDOWN_TIMEOUT = 2.0           # s for closing connections and listeners on exit
 PEERSTORE_ADDR_TTL = 24 * 3600       # seconds; addresses we learn stay usable for a day
 _PNET_MAGIC = b"mesh/pnet/1\x00\x00\x00\x00\x00"   # 16 bytes
 _PNET_NONCE = 12
@@ -258,8 +262,12 @@ def _check_port_free(host: str, port: int) -> None:
         return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        # SO_REUSEADDR: connections of a previous run in TIME_WAIT are no obstacle; a
+        # live listener still is (it holds SO_REUSEPORT, this socket does not).
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
+            s.listen(1)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise BadRequest(f"p2p port {host}:{port} is already in use (another node?)", param="p2p_port") from exc
@@ -320,15 +328,15 @@ async def open_host(key_pair: KeyPair, psk: bytes, *, listen_host: str, port: in
         try:
             yield host
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                # Close connections before the services stop, so peers see EOF at once
-                # instead of waiting for their own timeouts.
-                for conns in list(swarm.connections.values()):
-                    for conn in list(conns):
-                        try:
-                            await conn.close()
-                        except Exception:
-                            pass
+            # host.close() closes connections, listeners and transports before it stops the
+            # swarm. Leaving that to host.run()'s exit is not enough: the swarm's service
+            # is cancelled there, and its cleanup awaits die on the cancellation, so the
+            # listening socket stays open (a restart on the same port fails).
+            with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_TIMEOUT):
+                try:
+                    await host.close()
+                except Exception as exc:
+                    log.debug("closing the libp2p host: %r", exc)
 
 
 async def connect_addr(host: IHost, addr: str | multiaddr.Multiaddr) -> ID:

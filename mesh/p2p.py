@@ -76,6 +76,7 @@ PING_TIMEOUT = 2.0           # s; a LAN round trip is ~1 ms
 STREAM_OPEN_TIMEOUT = 5.0    # s for multistream negotiation of a new stream
 REDIAL_INTERVAL = 5.0        # s between two dials of one gossiped / mDNS-found peer
 TICK_INTERVAL = 0.5          # s between view clock ticks
+MISMATCH_WARN_EVERY = 60.0   # s; one warning per address, as a wrong-token peer retries forever
 _PING_BYTES = 8
 
 
@@ -496,8 +497,10 @@ class P2P:
 def _quiet_libp2p_logs() -> None:
     # Importing libp2p sets its logger to WARNING with no handler, so without this its
     # expected-churn errors reach stderr through logging.lastResort.
+    # libp2p.network.auto_connector pins itself to INFO; it is stopped anyway (mesh/host.py).
     if not os.environ.get("LIBP2P_DEBUG"):
-        logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+        for name in ("libp2p", "libp2p.network.auto_connector"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 @asynccontextmanager
@@ -507,12 +510,17 @@ async def open_p2p(*, home: Path, token: Token, name: str, listen_host: str, p2p
     _quiet_libp2p_logs()
     key_pair = load_or_create_identity(Path(home))
     holder: dict[str, P2P] = {}
+    warned: dict[str, float] = {}
 
     def on_mismatch(addr: tuple[str, int] | None) -> None:
         if "p2p" in holder:
             holder["p2p"]._mism.record(addr)
-        log.warning("refused a connection %s %s: it holds a different mesh token",
-                    "with" if addr else "", f"{addr[0]}:{addr[1]}" if addr else "")
+        ip = str(addr[0]) if addr else "?"
+        now = trio.current_time()
+        quiet = now - warned.get(ip, -MISMATCH_WARN_EVERY) < MISMATCH_WARN_EVERY
+        warned[ip] = warned[ip] if quiet else now
+        log.log(logging.DEBUG if quiet else logging.WARNING,
+                "refused a connection with %s: it holds a different mesh token", ip)
 
     async with open_host(key_pair, token.keys.psk, listen_host=listen_host, port=p2p_port,
                          on_mismatch=on_mismatch) as host:

@@ -5,6 +5,12 @@ The child connects to the Unix socket its parent listens on, loads the model, sa
 Each kind of work has one thread and a FIFO queue (generation, embeddings, audio), so an
 embedding request never waits behind a long generation; `cancel`, `stats` and `health`
 are answered from the reader thread at once. The parent side lives in node/workers.py.
+
+A backend with `submit(request, emit, cancel)` (llama: continuous batching) takes a
+generation without blocking the generation thread: it validates the request (raising
+RequestError before any frame), queues it in its own scheduler and emits the request's
+frames from there; the request is over at its `done` or `error` frame. A backend with only
+`generate(...)` blocks the generation thread for the whole request, one at a time.
 """
 
 from __future__ import annotations
@@ -70,10 +76,15 @@ class WorkerServer:
             msg = q.get()
             rid = msg["id"]
             cancel = self.cancels.get(rid) or threading.Event()
+            handed_off = False
             try:
                 if cancel.is_set():
                     self.framer.send({"id": rid, "type": "done", "finish_reason": "cancelled",
                                       "usage": None})
+                    continue
+                if kind == "generate" and hasattr(self.backend, "submit"):
+                    self.backend.submit(msg["request"], self._emitter(rid), cancel)
+                    handed_off = True  # it lives on in the backend; _emitter ends it
                     continue
                 if kind == "generate":
                     self.backend.generate(msg["request"],
@@ -96,7 +107,17 @@ class WorkerServer:
                 traceback.print_exc()
                 self._send_error(rid, 500, "backend_error", f"{type(exc).__name__}: {exc}", None)
             finally:
+                if not handed_off:
+                    self.cancels.pop(rid, None)
+
+    def _emitter(self, rid: int):
+        """Frame sender for a request that finishes on another thread: its final frame
+        (`done` or `error`) also forgets its cancel event."""
+        def emit(frame: dict[str, Any]) -> None:
+            if frame.get("type") in ("done", "error"):
                 self.cancels.pop(rid, None)
+            self.framer.send({"id": rid, **frame})
+        return emit
 
     def _send_error(self, rid, status, code, message, param) -> None:
         try:

@@ -2,15 +2,23 @@
 
 Chat prompts are rendered with the model's own chat template (GGUF metadata, or the
 per-model `chat_template` override) and tokenized here, so the worker knows exact
-prompt/completion token counts. Generation streams one `delta` frame per decoded piece
-and checks the request's cancel flag between tokens, so a client disconnect stops the
-model within one token.
+prompt/completion token counts.
+
+Generation runs on node/backends/batching.py: `parallel` slots (per-model config, default
+4) share one llama context in a split KV cache (n_ctx = context_size * parallel, one
+seq_id per slot, each slot limited to context_size tokens, as llama-server does), one
+scheduler thread batches every running request's next token with chunks of new prompts,
+and a slot's previous conversation is reused as a prompt cache. `submit` validates a
+request (errors raise RequestError before any frame is sent) and hands it over without
+blocking; the request then streams `delta` frames and ends with one `done` frame, or an
+`error` frame if llama.cpp fails. Setting the request's cancel event ends it with
+finish_reason "cancelled" at the next step.
 
 Embeddings use a second llama context on the same file with mean pooling (a causal chat
 model has no pooling of its own); it is created on the first embedding request.
-
 `Llama` has no lock and aborts the process when two threads use it at once (design.md):
-each Llama object here is used by one thread at a time, guarded by its own lock.
+the embedding Llama is guarded by its own lock; the generation context is only ever
+touched by the scheduler thread.
 """
 
 from __future__ import annotations
@@ -18,17 +26,22 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from typing import Any, Callable
 
 import llama_cpp
+from llama_cpp._internals import LlamaModel
+from llama_cpp._logger import set_verbose
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from node.backends import RequestError
+from node.backends.batching import BatchScheduler, Job, Sampling
 
 log = logging.getLogger("node.backends.llama")
 
 Emit = Callable[[dict[str, Any]], None]
+
+DEFAULT_CONTEXT = 2048     # per slot
+DEFAULT_PARALLEL = 4       # slots (llama-server's default when -np is not given)
 
 
 class LlamaBackend:
@@ -37,35 +50,39 @@ class LlamaBackend:
     def __init__(self, model_path: str, config: dict[str, Any]) -> None:
         self.model_path = model_path
         self.config = config
-        self.n_ctx = int(config.get("context_size") or 2048)
+        self.n_ctx = int(config.get("context_size") or DEFAULT_CONTEXT)
+        self.parallel = max(1, int(config.get("parallel") or DEFAULT_PARALLEL))
         self.threads = int(config.get("threads") or os.cpu_count() or 1)
         self.defaults: dict[str, Any] = dict(config.get("sampling") or {})
-        self.llm = llama_cpp.Llama(
-            model_path=model_path, n_ctx=self.n_ctx, n_threads=self.threads,
-            n_threads_batch=self.threads, n_gpu_layers=int(config.get("gpu_layers", -1)),
-            flash_attn=True, verbose=False,
-        )
-        self._lock = threading.Lock()
+        set_verbose(False)            # llama.cpp's log callback: errors only
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        gpu_layers = config.get("gpu_layers")
+        mparams.n_gpu_layers = -1 if gpu_layers is None else int(gpu_layers)
+        self.model = LlamaModel(path_model=model_path, params=mparams, verbose=False)
+        self.scheduler = BatchScheduler(self.model.model, self.model.vocab,
+                                        n_slots=self.parallel, n_ctx_slot=self.n_ctx,
+                                        threads=self.threads, flash_attn=True)
+        self.n_ctx = self.scheduler.n_ctx_slot
         self._emb: llama_cpp.Llama | None = None
         self._emb_lock = threading.Lock()
-        eos_id, bos_id = self.llm.token_eos(), self.llm.token_bos()
-        eos = self.llm._model.token_get_text(eos_id) if eos_id != -1 else ""
-        bos = self.llm._model.token_get_text(bos_id) if bos_id != -1 else ""
-        template = config.get("chat_template") or self.llm.metadata.get("tokenizer.chat_template")
+        eos_id, bos_id = self.model.token_eos(), self.model.token_bos()
+        eos = self.model.token_get_text(eos_id) if eos_id != -1 else ""
+        bos = self.model.token_get_text(bos_id) if bos_id != -1 else ""
+        template = config.get("chat_template") or self.model.metadata().get("tokenizer.chat_template")
         self.formatter = (Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos,
                                               stop_token_ids=[eos_id]) if template else None)
         self.eos_text = eos
-        self.busy = 0
-        self.tokens_per_s = 0.0
 
     # ------------------------------------------------------------------ info
     def info(self) -> dict[str, Any]:
-        return {"backend": self.name, "ctx": self.n_ctx, "n_embd": self.llm.n_embd(),
-                "slots": 1, "embeddings": bool(self.config.get("embeddings", True)),
+        return {"backend": self.name, "ctx": self.n_ctx, "n_embd": self.model.n_embd(),
+                "slots": self.parallel, "kv": "split",
+                "embeddings": bool(self.config.get("embeddings", True)),
                 "chat_template": self.formatter is not None}
 
     def stats(self) -> dict[str, Any]:
-        return {"busy": self.busy, "tokens_per_s": round(self.tokens_per_s, 2)}
+        return self.scheduler.stats()
 
     # ------------------------------------------------------------ generation
     def _prompt_tokens(self, req: dict[str, Any]) -> tuple[list[int], list[str]]:
@@ -77,73 +94,49 @@ class LlamaBackend:
             except Exception as exc:  # jinja raise_exception() from the template
                 raise RequestError(f"chat template rejected the messages: {exc}",
                                    param="messages") from exc
-            toks = self.llm.tokenize(result.prompt.encode("utf-8"),
-                                     add_bos=not result.added_special, special=True)
+            toks = self.model.tokenize(result.prompt.encode("utf-8"),
+                                       add_bos=not result.added_special, special=True)
             return toks, [self.eos_text] if self.eos_text else []
         prompt = req["prompt"]
-        return self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True), []
+        return self.model.tokenize(prompt.encode("utf-8"), add_bos=True, special=True), []
 
-    def generate(self, req: dict[str, Any], emit: Emit, cancel: threading.Event) -> None:
+    def _job(self, req: dict[str, Any], emit: Emit, cancel: threading.Event) -> Job:
         prompt, extra_stop = self._prompt_tokens(req)
         n_prompt = len(prompt)
+        param = "messages" if req["kind"] == "chat" else "prompt"
+        if n_prompt == 0:
+            raise RequestError("the prompt is empty", param=param)
         if n_prompt >= self.n_ctx:
             raise RequestError(
                 f"This model's maximum context length is {self.n_ctx} tokens. However, your "
                 f"messages resulted in {n_prompt} tokens.", code="context_length_exceeded",
-                param="messages" if req["kind"] == "chat" else "prompt")
+                param=param)
         room = self.n_ctx - n_prompt
         max_tokens = req.get("max_tokens")
-        max_tokens = room if max_tokens is None else min(int(max_tokens), room)
-        stop = list(req.get("stop") or []) + extra_stop
+        max_tokens = room if max_tokens is None else max(1, min(int(max_tokens), room))
         p = {**self.defaults, **{k: v for k, v in req.items() if v is not None}}
-        counted = [0]
+        return Job(prompt=prompt, max_tokens=max_tokens,
+                   stops=list(req.get("stop") or []) + extra_stop,
+                   sampling=Sampling.from_params(p), emit=emit, cancel=cancel)
 
-        def count(_ids, logits):  # called once per sampled token
-            counted[0] += 1
-            return logits
+    def submit(self, req: dict[str, Any], emit: Emit, cancel: threading.Event) -> None:
+        """Queue a generation and return at once; frames go to `emit` from the scheduler
+        thread. Raises RequestError (nothing emitted) for a request that cannot run."""
+        self.scheduler.submit(self._job(req, emit, cancel))
 
-        with self._lock:
-            self.busy += 1
-            t0 = time.perf_counter()
-            t_first = None
-            finish = "stop"
+    def generate(self, req: dict[str, Any], emit: Emit, cancel: threading.Event) -> None:
+        """Blocking form of `submit`: returns after the final frame."""
+        finished = threading.Event()
+
+        def relay(frame: dict[str, Any]) -> None:
             try:
-                it = self.llm.create_completion(
-                    prompt, max_tokens=max_tokens, stream=True, stop=stop,
-                    temperature=float(p.get("temperature", 0.8)),
-                    top_p=float(p.get("top_p", 0.95)), top_k=int(p.get("top_k", 40)),
-                    min_p=float(p.get("min_p", 0.05)),
-                    presence_penalty=float(p.get("presence_penalty", 0.0)),
-                    frequency_penalty=float(p.get("frequency_penalty", 0.0)),
-                    repeat_penalty=float(p.get("repeat_penalty", 1.0)),
-                    seed=p.get("seed"),
-                    logits_processor=llama_cpp.LogitsProcessorList([count]),
-                )
-                try:
-                    for chunk in it:
-                        if cancel.is_set():
-                            finish = "cancelled"
-                            break
-                        choice = chunk["choices"][0]
-                        text = choice.get("text") or ""
-                        if text:
-                            if t_first is None:
-                                t_first = time.perf_counter()
-                            emit({"type": "delta", "text": text})
-                        if choice.get("finish_reason"):
-                            finish = choice["finish_reason"]
-                finally:
-                    it.close()
+                emit(frame)
             finally:
-                self.busy -= 1
-            dt = time.perf_counter() - (t_first or t0)
-            n = counted[0]
-            if n > 1 and dt > 0:
-                self.tokens_per_s = (n - 1) / dt
-        emit({"type": "done", "finish_reason": finish,
-              "usage": {"prompt_tokens": n_prompt, "completion_tokens": n,
-                        "total_tokens": n_prompt + n,
-                        "prompt_tokens_details": {"cached_tokens": 0}}})
+                if frame.get("type") in ("done", "error"):
+                    finished.set()
+
+        self.submit(req, relay, cancel)
+        finished.wait()
 
     # ------------------------------------------------------------ embeddings
     def embed(self, inputs: list[str]) -> dict[str, Any]:
