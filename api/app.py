@@ -12,6 +12,7 @@ from quart_trio import QuartTrio
 
 from api import errors
 from api.auth import AuthMiddleware
+from api.drain import DrainUnreadBody
 from api.key_routes import bp as keys_bp
 from api.mesh_routes import bp as mesh_bp
 from api.model_routes import bp as models_bp
@@ -38,6 +39,8 @@ def create_app(services) -> QuartTrio:
         services.metrics.requests.labels(rule, str(response.status_code)).inc()
         return response
 
-    app.asgi_app = AuthMiddleware(app.asgi_app, services.keyring,
-                                  max_concurrent_per_key=services.config.max_concurrent_per_key)
+    app.asgi_app = DrainUnreadBody(
+        AuthMiddleware(app.asgi_app, services.keyring,
+                       max_concurrent_per_key=services.config.max_concurrent_per_key),
+        limit=services.config.max_body_bytes)
     return app

@@ -60,6 +60,7 @@ class AuthMiddleware:
             status, body = denied
             headers = [(b"content-type", b"application/json"),
                        (b"content-length", str(len(body)).encode())]
+
             if status == 401:
                 headers.append((b"www-authenticate", b'Bearer realm="inference-mesh"'))
             await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -40,3 +40,13 @@ async def status():
 @bp.get("/metrics")
 async def metrics():
     return Response(generate_latest(_services().metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+
+@bp.get("/openapi.json")
+async def openapi():
+    from api.openapi import build
+    app = current_app._get_current_object()
+    doc = app.config.get("OPENAPI_DOC")
+    if doc is None:
+        doc = app.config["OPENAPI_DOC"] = build(app)
+    return json_response(doc)

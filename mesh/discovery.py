@@ -2,10 +2,12 @@
 
 Static peers are first-class (exo users lose discovery wherever multicast is blocked:
 Wi-Fi isolation, Docker, headless boxes). Each static address gets its own task that
-dials it, keeps waiting while the peer is connected, and re-dials when it is not, forever,
-with exponential backoff from ``BACKOFF_START`` to ``BACKOFF_MAX`` (+-20% jitter so a
-restarted mesh does not dial in lockstep). An address may omit ``/p2p/<id>``: the id is
-learned from the Noise handshake (mesh/host.py ``connect_addr``).
+dials it, waits while the peer is connected, and re-dials when it is not, forever: at
+once after a connection that lasted ``STABLE_AFTER``, otherwise with exponential backoff
+from ``BACKOFF_START`` to ``BACKOFF_MAX`` (+-20% jitter so a restarted mesh does not dial
+in lockstep). An address may omit ``/p2p/<id>``: the id is
+learned from the Noise handshake (mesh/host.py ``connect_addr``). An address that turns
+out to be this node (a token's bootstrap list names its creator) ends its task.
 
 mDNS uses zeroconf directly rather than py-libp2p's ``enable_mDNS``: py-libp2p can name
 a private service type, but it reports finds through a process-global singleton
@@ -34,6 +36,7 @@ from typing import Any
 import trio
 
 from mesh.errors import AdmissionDenied, MeshError
+from mesh.host import SelfDial
 
 __all__ = ["BACKOFF_START", "BACKOFF_MAX", "DIAL_TIMEOUT", "serve_static_peer", "open_mdns", "mdns_service_type"]
 
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 BACKOFF_START = 0.25     # s
 BACKOFF_MAX = 5.0        # s; brief: re-dial static peers forever, backoff capped ~5 s
 DIAL_TIMEOUT = 5.0       # s; a LAN dial + handshake takes ~20 ms
+STABLE_AFTER = 2.0       # s; a connection that lasted less is "flapping" and re-dialed with backoff
 MDNS_QUERY_TIMEOUT_MS = 3000
 
 
@@ -69,24 +73,30 @@ async def serve_static_peer(
     warned = False
     while True:
         if peer is not None and is_connected(peer):
-            delay = BACKOFF_START
-            ev = changed()
-            if is_connected(peer):
-                await ev.wait()
-            continue
-        try:
-            with trio.fail_after(DIAL_TIMEOUT):
-                peer = await connect(addr)
-            if warned:
-                log.info("static peer %s is reachable again", addr)
-            warned = False
-            continue
-        except (MeshError, trio.TooSlowError) as exc:
-            reason = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
-            if not warned:
-                level = logging.WARNING if isinstance(exc, AdmissionDenied) else logging.INFO
-                log.log(level, "static peer %s: %s; retrying every <= %.0f s", addr, reason, BACKOFF_MAX)
-                warned = True
+            since = trio.current_time()
+            while is_connected(peer):
+                await changed().wait()
+            if trio.current_time() - since >= STABLE_AFTER:
+                delay = BACKOFF_START  # an outage after a good run: re-dial at once
+                continue
+            # Dropped right after it was made: fall through to the backoff, never spin.
+        else:
+            try:
+                with trio.fail_after(DIAL_TIMEOUT):
+                    peer = await connect(addr)
+                if warned:
+                    log.info("static peer %s is reachable again", addr)
+                warned = False
+                continue
+            except SelfDial:
+                log.debug("static peer %s is this node; not dialing it", addr)
+                return
+            except (MeshError, trio.TooSlowError) as exc:
+                reason = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
+                if not warned:
+                    level = logging.WARNING if isinstance(exc, AdmissionDenied) else logging.INFO
+                    log.log(level, "static peer %s: %s; retrying every <= %.0f s", addr, reason, BACKOFF_MAX)
+                    warned = True
         await trio.sleep(_jitter(delay))
         delay = min(delay * 2, BACKOFF_MAX)
 
@@ -123,7 +133,9 @@ def _parse_info(info: Any) -> tuple[str, list[str]] | None:
 
 
 @asynccontextmanager
-async def open_mdns(*, mesh_id: str, peer_id: str, port: int, addrs: Sequence[str]) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[str, list[str]]]]:
+async def open_mdns(
+    *, mesh_id: str, peer_id: str, port: int, addrs: Sequence[str],
+) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[str, list[str]]]]:
     """Advertise this node and yield a channel of (peer id, multiaddrs) finds."""
     from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 

@@ -48,7 +48,9 @@ from libp2p.tools.anyio_service import background_trio_service
 from mesh.view import TICK
 from mesh.wire import BadMessage, NodeState, open_sealed, seal
 
-__all__ = ["TOPIC", "TICK", "MIN_INTERVAL", "RATE_LIMIT", "open_pubsub", "StateValidator", "Publisher", "serve_subscriber"]
+__all__ = [
+    "TOPIC", "TICK", "MIN_INTERVAL", "RATE_LIMIT", "open_pubsub", "StateValidator", "Publisher", "serve_subscriber",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +71,23 @@ async def open_pubsub(host: Any, gate: Callable[[Callable[..., Awaitable[None]]]
         max_messages_per_topic_per_second=RATE_LIMIT,
     )
     pubsub = Pubsub(host, router)
+
+    async def guarded(stream: Any) -> None:
+        # An exception escaping a libp2p stream handler tears down the whole connection's
+        # task tree; py-libp2p's pubsub raises one when a stream delivers a message after
+        # the pubsub service stopped (shutdown), for instance.
+        try:
+            await pubsub.stream_handler(stream)
+        except Exception as exc:
+            log.debug("pubsub stream from %s ended: %r", stream.muxed_conn.peer_id, exc)
+            with trio.CancelScope(shield=True):
+                try:
+                    await stream.reset()
+                except Exception:
+                    pass
+
     for proto in router.get_protocols():  # Pubsub registered them ungated
-        host.set_stream_handler(proto, gate(pubsub.stream_handler))
+        host.set_stream_handler(proto, gate(guarded))
     pubsub.set_topic_validator(TOPIC, validator, False)
     async with background_trio_service(pubsub), background_trio_service(router):
         await pubsub.wait_until_ready()

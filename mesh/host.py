@@ -37,6 +37,18 @@ closes. A wrong token is therefore refused in one round trip on both sides. The 
 only hides and gates; integrity and peer authentication come from Noise above it. It is
 not wire-compatible with go-libp2p's pnet, which is fine: only our nodes speak it.
 
+Write-behind. py-libp2p's yamux answers pings and acknowledges new streams from its
+read loop, through the same lock as data writes. When both ends push bulk data at once,
+each end's data writer blocks on a full TCP buffer while holding that lock, each read loop
+then blocks on the lock (a ping arrives: yamux pings 0.5 s after connecting, then every
+30 s) and stops reading, and the connection deadlocks for good (seen in about 1 of 25
+10 MiB echo runs). So the pnet layer never blocks a writer on the socket: ``write``
+encrypts and queues, and one sender task per connection (in ``open_host``'s nursery)
+drains the queue in order. Memory stays bounded by yamux's per-stream windows; past
+``WRITE_BEHIND_HIGH`` queued bytes a writer waits for the queue to drain to
+``WRITE_BEHIND_LOW``. Batching the queue into one send also cuts syscalls for the many
+small frames of token streams.
+
 Listening: ``/ip4/<host>/tcp/<port>``; port 0 means any free port. A wildcard host
 (0.0.0.0) is never advertised: ``addrs_factory`` replaces it with the machine's IPv4
 addresses (LAN first, loopback last), so peers, identify and mDNS see dialable addresses.
@@ -64,7 +76,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.io.abc import ReadWriteCloser
-from libp2p.io.exceptions import IOException
+from libp2p.io.exceptions import ConnectionClosedError, IOException
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
@@ -77,8 +89,8 @@ from libp2p.transport.tcp.tcp import TCP, TCPListener
 from mesh.errors import BadRequest, PeerError
 
 __all__ = [
-    "PnetTCP", "TokenMismatch", "build_host", "open_host", "listen_addrs_for", "machine_ipv4_addrs",
-    "connect_addr", "dial", "split_peer_addr",
+    "PnetTCP", "TokenMismatch", "SelfDial", "build_host", "open_host", "listen_ip", "listen_addrs_for",
+    "machine_ipv4_addrs", "connect_addr", "dial", "split_peer_addr",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,10 +100,17 @@ SHUTDOWN_TIMEOUT = 2.0           # s for closing connections and listeners on ex
 PEERSTORE_ADDR_TTL = 24 * 3600       # seconds; addresses we learn stay usable for a day
 _PNET_MAGIC = b"mesh/pnet/1\x00\x00\x00\x00\x00"   # 16 bytes
 _PNET_NONCE = 12
+WRITE_BEHIND_HIGH = 32 * 2**20   # bytes queued per connection before write() waits
+WRITE_BEHIND_LOW = 8 * 2**20     # ... until the queue is down to this
+CLOSE_FLUSH_TIMEOUT = 0.5        # s a closing connection waits for its queue to leave
 
 
 class TokenMismatch(IOException):
     """The other end of a connection holds a different mesh token."""
+
+
+class SelfDial(PeerError):
+    """The address is this node's own."""
 
 
 def _chacha(key: bytes, nonce: bytes) -> Any:
@@ -100,37 +119,98 @@ def _chacha(key: bytes, nonce: bytes) -> Any:
 
 
 class _PnetStream(ReadWriteCloser):
-    """A byte stream wrapped in the mesh pnet cipher (see the module note)."""
+    """A byte stream wrapped in the mesh pnet cipher, with write-behind (see the module note).
 
-    def __init__(self, inner: ReadWriteCloser, psk: bytes, on_mismatch: Callable[[tuple[str, int] | None], None]) -> None:
+    ``write`` encrypts and queues; a sender task (one per connection, in the nursery of
+    ``open_host``) drains the queue to the socket in order. Without a sender (no nursery
+    attached) writes go straight to the socket.
+    """
+
+    def __init__(self, inner: ReadWriteCloser, psk: bytes,
+                 on_mismatch: Callable[[tuple[str, int] | None], None], *, write_behind: bool) -> None:
         self._inner = inner
         self._psk = psk
         self._on_mismatch = on_mismatch
         self._enc: Any = None
         self._dec: Any = None
-        self._wlock = trio.Lock()
         self._rlock = trio.Lock()
+        self._wlock = trio.Lock()          # direct mode only
+        self._write_behind = write_behind
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._wake_sender = trio.Event()
+        self._below_low = trio.Event()
+        self._below_low.set()
+        self._idle = trio.Event()           # set while nothing is queued or being sent
+        self._idle.set()
+        self._error: BaseException | None = None
+        self._closed = False
         # Cached now: after a peer with another token hangs up, getpeername() fails.
         try:
             self._remote_addr: tuple[str, int] | None = inner.get_remote_address()
         except Exception:
             self._remote_addr = None
 
-    async def _send_preamble_locked(self) -> None:
+    # ---------------------------------------------------------------- writing
+    def _encrypt(self, data: bytes) -> bytes:
         if self._enc is None:
             nonce = os.urandom(_PNET_NONCE)
             self._enc = _chacha(self._psk, nonce)
-            await self._inner.write(nonce + self._enc.update(_PNET_MAGIC))
+            return nonce + self._enc.update(_PNET_MAGIC) + self._enc.update(data)
+        return self._enc.update(data)
 
     async def write(self, data: bytes) -> None:
-        async with self._wlock:
-            await self._send_preamble_locked()
-            await self._inner.write(self._enc.update(data))
+        if self._error is not None or self._closed:
+            raise ConnectionClosedError(f"connection closed ({self._error or 'locally'})", transport="tcp")
+        if not self._write_behind:
+            async with self._wlock:
+                await self._inner.write(self._encrypt(data))
+            return
+        self._queue(self._encrypt(data))
+        if self._out_bytes > WRITE_BEHIND_HIGH:
+            await self._below_low.wait()
+        else:
+            # A scheduling point that cannot be cancelled: the bytes are already queued.
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def _queue(self, chunk: bytes) -> None:
+        self._out.append(chunk)
+        self._out_bytes += len(chunk)
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        if self._out_bytes > WRITE_BEHIND_HIGH and self._below_low.is_set():
+            self._below_low = trio.Event()
+        self._wake_sender.set()
+
+    async def serve_sender(self) -> None:
+        """Drain the queue to the socket until closed; never raises."""
+        try:
+            while True:
+                await self._wake_sender.wait()
+                self._wake_sender = trio.Event()
+                while self._out:
+                    chunk = b"".join(self._out)
+                    self._out.clear()
+                    await self._inner.write(chunk)
+                    self._out_bytes -= len(chunk)
+                    if self._out_bytes <= WRITE_BEHIND_LOW:
+                        self._below_low.set()
+                self._idle.set()
+                if self._closed:
+                    return
+        except BaseException as exc:  # Cancelled included: wake every waiter, then go
+            self._error = exc if not isinstance(exc, trio.Cancelled) else ConnectionClosedError("shut down")
+            self._out.clear()
+            self._below_low.set()
+            self._idle.set()
+            if isinstance(exc, trio.Cancelled):
+                raise
+            log.debug("pnet sender for %s ended: %r", self._remote_addr, exc)
+
+    # ---------------------------------------------------------------- reading
     async def _read_preamble(self) -> None:
         # Send ours first, so a peer with another token learns it too, then check theirs.
-        async with self._wlock:
-            await self._send_preamble_locked()
+        if self._enc is None:
+            await self.write(b"")
         need = _PNET_NONCE + len(_PNET_MAGIC)
         buf = b""
         while len(buf) < need:
@@ -154,6 +234,12 @@ class _PnetStream(ReadWriteCloser):
             return self._dec.update(data) if data else b""
 
     async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._wake_sender.set()
+            # Let queued frames (a GO_AWAY, a last answer) leave, briefly.
+            with trio.move_on_after(CLOSE_FLUSH_TIMEOUT):
+                await self._idle.wait()
         await self._inner.close()
 
     def get_remote_address(self) -> tuple[str, int] | None:
@@ -172,16 +258,25 @@ class PnetTCP(TCP):
             raise ValueError("psk must be 32 bytes")
         self._psk = psk
         self._on_mismatch = on_mismatch
+        self._senders: trio.Nursery | None = None
+
+    def attach(self, senders: trio.Nursery | None) -> None:
+        """Where connection sender tasks run (``open_host`` owns it); None: direct writes."""
+        self._senders = senders
 
     def _wrap(self, rwc: ReadWriteCloser) -> _PnetStream:
-        return _PnetStream(rwc, self._psk, self._on_mismatch)
+        stream = _PnetStream(rwc, self._psk, self._on_mismatch, write_behind=self._senders is not None)
+        if self._senders is not None:
+            self._senders.start_soon(stream.serve_sender)
+        return stream
 
     async def dial(self, maddr: multiaddr.Multiaddr) -> RawConnection:  # type: ignore[override]
         raw = await super().dial(maddr)
         assert isinstance(raw, RawConnection)
         return RawConnection(self._wrap(raw.stream), True)
 
-    async def dial_with_source(self, maddr: multiaddr.Multiaddr, source: tuple[str, int]) -> RawConnection:  # type: ignore[override]
+    async def dial_with_source(self, maddr: multiaddr.Multiaddr,  # type: ignore[override]
+                               source: tuple[str, int]) -> RawConnection:
         raw = await super().dial_with_source(maddr, source)
         assert isinstance(raw, RawConnection)
         return RawConnection(self._wrap(raw.stream), True)
@@ -224,14 +319,25 @@ def machine_ipv4_addrs() -> list[str]:
     return out
 
 
+def listen_ip(host: str) -> str:
+    """--host as an IP address (a name such as ``localhost`` is resolved, IPv4 first)."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise BadRequest(f"p2p listen host {host!r} is not an IP address and does not resolve", param="host") from exc
+    infos.sort(key=lambda i: i[0] != socket.AF_INET)
+    return str(infos[0][4][0])
+
+
 def listen_addrs_for(host: str, port: int) -> list[multiaddr.Multiaddr]:
     """The multiaddrs to listen on for a --host/--p2p-port pair."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError as exc:
-        raise BadRequest(f"p2p listen host must be an IP address, not {host!r}", param="host") from exc
+    ip = ipaddress.ip_address(listen_ip(host))
     proto = "ip4" if ip.version == 4 else "ip6"
-    return [multiaddr.Multiaddr(f"/{proto}/{host}/tcp/{port}")]
+    return [multiaddr.Multiaddr(f"/{proto}/{ip}/tcp/{port}")]
 
 
 def _expand_wildcards(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
@@ -257,9 +363,8 @@ def _value(addr: multiaddr.Multiaddr, proto: str) -> str | None:
 
 
 def _check_port_free(host: str, port: int) -> None:
-    """Refuse a fixed port another process holds (SO_REUSEPORT would let us share it)."""
-    if port == 0:
-        return
+    """Fail early and readably: an address not on this machine, or a port another process
+    holds (py-libp2p binds with SO_REUSEPORT, which would let two nodes share it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         # SO_REUSEADDR: connections of a previous run in TIME_WAIT are no obstacle; a
@@ -279,7 +384,8 @@ def split_peer_addr(addr: str | multiaddr.Multiaddr) -> tuple[multiaddr.Multiadd
     try:
         ma = multiaddr.Multiaddr(str(addr))
     except Exception as exc:
-        raise BadRequest(f"not a multiaddr: {addr!r} (e.g. /ip4/10.0.0.2/tcp/4001/p2p/<peer id>)", param="peer") from exc
+        raise BadRequest(f"not a multiaddr: {addr!r} (e.g. /ip4/10.0.0.2/tcp/4001/p2p/<peer id>)",
+                         param="peer") from exc
     pid = _value(ma, "p2p")
     if pid is None:
         return ma, None
@@ -292,7 +398,7 @@ def split_peer_addr(addr: str | multiaddr.Multiaddr) -> tuple[multiaddr.Multiadd
 
 # ---------------------------------------------------------------------------- the host
 
-def build_host(key_pair: KeyPair, psk: bytes, *, on_mismatch: Callable[[tuple[str, int] | None], None]) -> IHost:
+def build_host(key_pair: KeyPair, transport: PnetTCP) -> IHost:
     """A configured, not yet running, libp2p host (see the module note for every setting)."""
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
     cfg = ConnectionConfig(
@@ -304,12 +410,13 @@ def build_host(key_pair: KeyPair, psk: bytes, *, on_mismatch: Callable[[tuple[st
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
-        transports=[PnetTCP(psk, on_mismatch)],
+        transports=[transport],
         connection_config=cfg,
         addrs_factory=_expand_wildcards,
         disable_identify_address_discovery=True,
     )
-    host.get_network().retry_config = RetryConfig(max_retries=0)  # new_host() has no retry_config
+    swarm: Any = host.get_network()
+    swarm.retry_config = RetryConfig(max_retries=0)  # new_host() takes no retry_config
     return host
 
 
@@ -318,25 +425,33 @@ async def open_host(key_pair: KeyPair, psk: bytes, *, listen_host: str, port: in
                     on_mismatch: Callable[[tuple[str, int] | None], None]) -> AsyncIterator[IHost]:
     """Run a host listening on ``listen_host:port`` for the duration of the block."""
     addrs = listen_addrs_for(listen_host, port)
-    _check_port_free(listen_host, port)
-    host = build_host(key_pair, psk, on_mismatch=on_mismatch)
-    async with host.run(listen_addrs=addrs):
-        if not host.get_transport_addrs():
-            raise PeerError(f"could not listen on {listen_host}:{port}")
-        swarm: Any = host.get_network()
-        await swarm.auto_connector.stop()
+    _check_port_free(listen_ip(listen_host), port)
+    transport = PnetTCP(psk, on_mismatch)
+    host = build_host(key_pair, transport)
+    async with trio.open_nursery() as senders:
+        transport.attach(senders)
         try:
-            yield host
-        finally:
-            # host.close() closes connections, listeners and transports before it stops the
-            # swarm. Leaving that to host.run()'s exit is not enough: the swarm's service
-            # is cancelled there, and its cleanup awaits die on the cancellation, so the
-            # listening socket stays open (a restart on the same port fails).
-            with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_TIMEOUT):
+            async with host.run(listen_addrs=addrs):
+                if not host.get_transport_addrs():
+                    raise PeerError(f"could not listen on {listen_host}:{port}")
+                swarm: Any = host.get_network()
+                await swarm.auto_connector.stop()
                 try:
-                    await host.close()
-                except Exception as exc:
-                    log.debug("closing the libp2p host: %r", exc)
+                    yield host
+                finally:
+                    # host.close() closes connections, listeners and transports before it
+                    # stops the swarm. Leaving that to host.run()'s exit is not enough: the
+                    # swarm's service is cancelled there, its cleanup awaits die on the
+                    # cancellation, and the listening socket stays open (a restart on the
+                    # same port fails).
+                    with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_TIMEOUT):
+                        try:
+                            await host.close()
+                        except Exception as exc:
+                            log.debug("closing the libp2p host: %r", exc)
+        finally:
+            transport.attach(None)
+            senders.cancel_scope.cancel()
 
 
 async def connect_addr(host: IHost, addr: str | multiaddr.Multiaddr) -> ID:
@@ -350,7 +465,7 @@ async def connect_addr(host: IHost, addr: str | multiaddr.Multiaddr) -> ID:
     if peer is None:
         return await _connect_unknown(host, ma)
     if peer == host.get_id():
-        raise PeerError("that address is this node")
+        raise SelfDial(f"{addr} is this node's own address")
     host.get_peerstore().add_addrs(peer, [ma], PEERSTORE_ADDR_TTL)
     await dial(host, peer, [ma])
     return peer
@@ -408,7 +523,7 @@ async def _connect_unknown(host: IHost, ma: multiaddr.Multiaddr) -> ID:
         peer = secured.get_remote_peer()
         if peer == host.get_id():
             await secured.close()
-            raise PeerError(f"{ma} is this node")
+            raise SelfDial(f"{ma} is this node's own address")
         if swarm.get_connections(peer):
             await secured.close()
         else:

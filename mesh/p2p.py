@@ -20,11 +20,11 @@ plus three small services of its own:
 
 Streams. ``Stream`` wraps a libp2p stream: ``read`` returns b"" at EOF (libp2p raises),
 errors become ``PeerError``, ``close()`` half-closes (the peer reads EOF; we can still
-read its answer). A stream is released once both directions are closed, or on
-``reset()``; ``async with stream:`` resets on error and closes otherwise. Handlers get
-their stream closed (or reset, if they raise) when they return. py-libp2p leaves a
-stream whose handler raised open forever, and keeps half-closed streams in its
-resource accounting until the second close: both handled here.
+read its answer) and releases the stream in py-libp2p's accounting; ``reset()`` aborts.
+``async with stream:`` resets on error and closes otherwise. Handlers get their stream
+closed (or reset, if they raise or are cancelled) when they return: py-libp2p leaves
+the stream of a handler that raised open, and its peer waiting, forever. A writer whose
+reader stops reading for 5 s gets PeerError (py-libp2p's yamux window-update timeout).
 
 Errors. ``open_stream`` and ``connect`` raise ``AdmissionDenied`` when the peer holds
 another token (pnet key check or handshake) or was denied, and ``PeerError`` when it
@@ -60,7 +60,7 @@ from mesh.admission import ADMIT_TIMEOUT, Admission, serve_admission
 from mesh.discovery import DIAL_TIMEOUT, open_mdns, serve_static_peer
 from mesh.errors import AdmissionDenied, MeshError, PeerError
 from mesh.gossip import Publisher, StateValidator, open_pubsub, serve_subscriber
-from mesh.host import PEERSTORE_ADDR_TTL, _reason, connect_addr, dial, open_host, split_peer_addr
+from mesh.host import SelfDial, _reason, _value, connect_addr, dial, open_host, split_peer_addr
 from mesh.identity import load_or_create_identity
 from mesh.token import Token
 from mesh.view import Connected, Disconnected, RttMeasured, StateSeen, Tick, View
@@ -81,15 +81,19 @@ _PING_BYTES = 8
 
 
 class Stream:
-    """A bidirectional byte stream to one peer over one protocol."""
+    """A bidirectional byte stream to one peer over one protocol.
+
+    Always end it with ``close()`` or ``reset()`` (or use ``async with``): that is what
+    releases it in py-libp2p's accounting (10,000 streams per host).
+    """
 
     def __init__(self, net_stream: Any, peer_id: str, protocol: str) -> None:
         self._s = net_stream
         self.peer_id = peer_id
         self.protocol = protocol
         self._eof = False
-        self._write_closed = False
-        self._done = False
+        self._closed = False
+        self._reset = False
 
     async def read(self, max_bytes: int = 65536) -> bytes:
         """Up to ``max_bytes`` bytes; b"" once the peer has closed its side."""
@@ -103,8 +107,6 @@ class Stream:
             raise PeerError(f"stream from {self.peer_id[-8:]} broke: {_reason(exc)}") from exc
         if not data:
             self._eof = True
-            if self._write_closed:
-                await self._release()
         return data
 
     async def read_exactly(self, n: int) -> bytes:
@@ -124,43 +126,33 @@ class Stream:
             raise PeerError(f"stream to {self.peer_id[-8:]} broke: {_reason(exc)}") from exc
 
     async def close(self) -> None:
-        """Half-close: the peer reads EOF; reading our side stays possible."""
-        if self._write_closed or self._done:
+        """Half-close and release: the peer reads EOF; what it still sends can be read."""
+        if self._closed or self._reset:
             return
-        self._write_closed = True
-        try:
-            if self._eof:
-                await self._release()
-            else:
-                await self._s.close_write()
-        except Exception as exc:
-            log.debug("closing a stream to %s: %r", self.peer_id, exc)
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            try:
+                await self._s.close()  # py-libp2p: FIN on the write side + release; reads go on
+            except Exception as exc:
+                log.debug("closing a stream to %s: %r", self.peer_id, exc)
+
+    aclose = close
 
     async def reset(self) -> None:
         """Abort both directions at once."""
-        if self._done:
+        if self._reset:
             return
-        self._done = True
+        self._reset = True
         with trio.CancelScope(shield=True):
             try:
                 await self._s.reset()
             except Exception:
                 pass
 
-    async def _release(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        with trio.CancelScope(shield=True):
-            try:
-                await self._s.close()
-            except Exception:
-                pass
-
-    async def aclose(self) -> None:
-        """Done with the stream: half-close it and release it (no more reads)."""
-        await self.close()
-        await self._release()
+    @property
+    def ended(self) -> bool:
+        """Closed or reset by us."""
+        return self._closed or self._reset
 
     async def __aenter__(self) -> Stream:
         return self
@@ -168,7 +160,7 @@ class Stream:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         if exc_type is None:
-            await self.aclose()
+            await self.close()
         else:
             await self.reset()
 
@@ -187,9 +179,9 @@ class _Mismatches:
 
     def since(self, addrs: Sequence[Any], t0: float) -> bool:
         for a in addrs:
-            ma = multiaddr.Multiaddr(str(a))
             try:
-                key = (ma.value_for_protocol("ip4") or ma.value_for_protocol("ip6"), int(ma.value_for_protocol("tcp")))
+                ma = multiaddr.Multiaddr(str(a))
+                key = (str(_value(ma, "ip4") or _value(ma, "ip6")), int(_value(ma, "tcp") or -1))
             except Exception:
                 continue
             if self._at.get(key, -1.0) >= t0:
@@ -261,13 +253,16 @@ class P2P:
             stream = Stream(net_stream, peer, protocol)
             try:
                 await handler(stream, peer)
+            except PeerError as exc:  # the peer went away or reset: routine
+                log.debug("handler for %s from %s: %s", protocol, peer, exc)
+                await stream.reset()
             except Exception:
                 log.exception("handler for %s from %s failed", protocol, peer)
                 await stream.reset()
             else:
-                await stream.aclose()
+                await stream.close()
             finally:
-                if not stream._done:  # cancelled: the connection is going away
+                if not stream.ended:  # cancelled: the connection is going away
                     await stream.reset()
 
         self._host.set_stream_handler(TProtocol(protocol), self._admission.gate(run))
@@ -318,7 +313,7 @@ class P2P:
 
     def _check_not_self_or_denied(self, pid: ID) -> None:
         if pid == self._me:
-            raise PeerError("that is this node itself")
+            raise SelfDial("that is this node itself")
         if self._admission.is_denied(pid):
             raise AdmissionDenied(f"peer {pid.to_base58()[-8:]} was denied: {self._admission.denied_reason(pid)}")
 
@@ -363,7 +358,8 @@ class P2P:
                         await dial(self._host, pid, addrs)
             except (PeerError, trio.TooSlowError) as exc:
                 if self._mism.since(addrs, t0):
-                    raise AdmissionDenied(f"peer {pid.to_base58()[-8:]} belongs to another mesh (its token differs)") from exc
+                    raise AdmissionDenied(
+                        f"peer {pid.to_base58()[-8:]} belongs to another mesh (its token differs)") from exc
                 if isinstance(exc, trio.TooSlowError):
                     raise PeerError(f"peer {pid.to_base58()[-8:]} did not answer within {DIAL_TIMEOUT:.0f} s") from exc
                 raise
@@ -490,8 +486,8 @@ class P2P:
                 async for peer, addrs in finds:
                     log.debug("mDNS found %s at %s", peer, addrs)
                     self._request_dial(peer, addrs)
-        except (OSError, RuntimeError) as exc:
-            log.warning("mDNS discovery unavailable (%s); use --peer to join other nodes", exc)
+        except Exception as exc:  # best effort: no multicast, a name clash, a zeroconf bug
+            log.warning("mDNS discovery unavailable (%r); use --peer to join other nodes", exc)
 
 
 def _quiet_libp2p_logs() -> None:
@@ -503,10 +499,37 @@ def _quiet_libp2p_logs() -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def _sole_exception(eg: BaseExceptionGroup) -> BaseException | None:  # type: ignore[type-arg]
+    exc: BaseException = eg
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return None if isinstance(exc, BaseExceptionGroup) else exc
+
+
 @asynccontextmanager
 async def open_p2p(*, home: Path, token: Token, name: str, listen_host: str, p2p_port: int,
                    peers: Sequence[str], mdns: bool, state: Callable[[], NodeState]) -> AsyncIterator[P2P]:
-    """Join the mesh for the duration of the block (see the module note)."""
+    """Join the mesh for the duration of the block (see the module note).
+
+    Exceptions come out as raised, not wrapped in the exception groups of the nurseries
+    inside (a group is re-raised only when it holds several).
+    """
+    err: BaseException | None = None
+    try:
+        async with _running_p2p(home=home, token=token, name=name, listen_host=listen_host,
+                                p2p_port=p2p_port, peers=peers, mdns=mdns, state=state) as p2p:
+            yield p2p
+    except BaseExceptionGroup as eg:
+        err = _sole_exception(eg)
+        if err is None:
+            raise
+    if err is not None:
+        raise err  # outside the except block, so its __context__ is left alone
+
+
+@asynccontextmanager
+async def _running_p2p(*, home: Path, token: Token, name: str, listen_host: str, p2p_port: int,
+                       peers: Sequence[str], mdns: bool, state: Callable[[], NodeState]) -> AsyncIterator[P2P]:
     _quiet_libp2p_logs()
     key_pair = load_or_create_identity(Path(home))
     holder: dict[str, P2P] = {}

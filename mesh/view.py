@@ -9,7 +9,9 @@ Liveness comes from gossip, not from connections or mDNS: a peer is ``alive`` wh
 NodeState keeps arriving. Rules, with ``TICK`` = the gossip period (1 s, mesh/gossip.py):
 
 - A state newer than the last one (higher ``seq``) makes the peer alive and refreshes
-  ``last_seen``; an older or repeated one changes nothing (a late relay is not news).
+  ``last_seen``; an older or repeated one changes nothing while the peer is alive (a late
+  relay is not news). A suspect peer takes any state: a node restarted with its clock
+  set back sends lower seqs, and must not be ignored until they catch up.
 - Unseen for ``SUSPECT_AFTER`` = 3 ticks: ``suspect``, out of routing (design brief).
 - Losing the last connection to a peer makes it suspect at once: it cannot be routed to
   until it is back, which the next state shows (a restarted node's ``seq`` continues,
@@ -27,7 +29,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
 import trio
 
@@ -35,7 +37,7 @@ from mesh.wire import NodeState
 
 __all__ = [
     "TICK", "SUSPECT_AFTER", "DROP_AFTER", "RTT_ALPHA", "Status", "Peer", "Membership",
-    "StateSeen", "RttMeasured", "Connected", "Disconnected", "Tick", "Event", "apply", "View",
+    "StateSeen", "RttMeasured", "Connected", "Disconnected", "Tick", "Event", "apply", "status_node", "View",
 ]
 
 TICK = 1.0
@@ -118,7 +120,7 @@ def apply(m: Membership, ev: Event) -> Membership:
     """The membership after ``ev``; returns ``m`` itself when nothing changed."""
     if isinstance(ev, StateSeen):
         old = m.peers.get(ev.peer_id)
-        if old is not None and ev.state.seq <= old.state.seq:
+        if old is not None and ev.state.seq <= old.state.seq and old.status == "alive":
             return m
         return _with(m, Peer(
             peer_id=ev.peer_id, state=ev.state, status="alive", last_seen=ev.now,
@@ -159,6 +161,20 @@ def apply(m: Membership, ev: Event) -> Membership:
     raise TypeError(f"not a view event: {ev!r}")
 
 
+def status_node(p: Peer) -> dict[str, Any]:
+    """A peer as JSON for ``/mesh/status`` and ``mesh status``."""
+    s = p.state
+    return {
+        "id": p.peer_id, "name": p.name, "version": s.version, "api": s.api_url, "addrs": list(s.addrs),
+        "state": p.status, "last_seen": p.last_seen_wall, "connected": p.connected,
+        "rtt_ms": None if p.rtt_ms is None else round(p.rtt_ms, 2),
+        "models": [m.model_dump() for m in s.models],
+        "memory": {"ram_total": s.ram_total, "ram_free": s.ram_free,
+                   "vram_total": s.vram_total, "vram_free": s.vram_free},
+        "rpc": s.rpc.model_dump(), "load": s.load, "open": s.open,
+    }
+
+
 class View:
     """The live membership of a running node.
 
@@ -194,6 +210,10 @@ class View:
     def routable(self) -> list[Peer]:
         """Peers the router may send work to: alive (recent state) and not disconnected."""
         return [p for p in self.peers() if p.routable]
+
+    def status_nodes(self) -> list[dict[str, Any]]:
+        """Every peer as a ``/mesh/status`` node entry (the shape of the node's own entry)."""
+        return [status_node(p) for p in self.peers()]
 
     def __contains__(self, peer_id: object) -> bool:
         return peer_id in self._m.peers

@@ -78,7 +78,7 @@ class ModelState(_Wire):
 class NodeState(_Wire):
     """Everything a node advertises, once per tick and on change."""
 
-    v: Literal[1] = NODE_STATE_VERSION
+    v: Literal[1] = 1                            # NODE_STATE_VERSION
     node_id: str = ""                            # libp2p peer id; stamped by the gossip layer
     name: str = ""
     version: str = ""                            # inference-mesh version
@@ -90,7 +90,7 @@ class NodeState(_Wire):
     ram_free: int = Field(0, ge=0)
     vram_total: int = Field(0, ge=0)
     vram_free: int = Field(0, ge=0)
-    rpc: RpcState = Field(default_factory=RpcState)
+    rpc: RpcState = Field(default_factory=lambda: RpcState())
     models: list[ModelState] = Field(default_factory=list)
     load: float = 0.0                            # e.g. 1-minute load average / cores
     open: bool = False                           # no API keys and listening beyond loopback

@@ -8,25 +8,37 @@ Pure parts (token, wire, view) are tested without I/O.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import socket
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import trio
+from pydantic import ValidationError
 
 from mesh.errors import AdmissionDenied, BadRequest, PeerError
 from mesh.gossip import TOPIC
-from mesh.identity import IDENTITY_FILE
+from mesh.identity import IDENTITY_FILE, load_or_create_identity, peer_id_of
 from mesh.p2p import P2P, Stream, open_p2p
 from mesh.token import MeshKeys, Token, load_token, new_token, parse_token, store_token
-from mesh.view import (DROP_AFTER, SUSPECT_AFTER, Connected, Disconnected, Membership, RttMeasured,
-                       StateSeen, Tick, apply)
+from mesh.view import (
+    DROP_AFTER,
+    SUSPECT_AFTER,
+    Connected,
+    Disconnected,
+    Membership,
+    RttMeasured,
+    StateSeen,
+    Tick,
+    apply,
+)
 from mesh.wire import BadMessage, ModelState, NodeState, open_sealed, seal
 
 DEADLINE = 30.0  # s per multi-node test; each takes 1-4 s
@@ -122,9 +134,9 @@ def test_wire_seal_open_and_rejections() -> None:
         open_sealed(b"\x93\x01\x02", key)
     with pytest.raises(BadMessage):
         open_sealed(os.urandom(64), key)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         st.name = "b"  # type: ignore[misc]  # frozen
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         NodeState(seq="3")  # type: ignore[arg-type]  # strict: no coercion
 
 
@@ -141,8 +153,9 @@ def test_view_apply_rules() -> None:
     assert apply(m, Tick(10.0 + SUSPECT_AFTER)) is m                       # not yet
     m2 = apply(m, Tick(10.0 + SUSPECT_AFTER + 0.1))
     assert m2.peers["p"].status == "suspect"
-    m3 = apply(m2, StateSeen("p", NodeState(node_id="p", seq=2), now=20.0, wall=1e9))
-    assert m3.peers["p"].status == "alive"
+    m3 = apply(m2, StateSeen("p", NodeState(node_id="p", seq=0), now=20.0, wall=1e9))
+    assert m3.peers["p"].status == "alive"                                 # suspect takes a lower seq
+    assert apply(m3, StateSeen("p", NodeState(node_id="p", seq=0, name="x"), now=20.5, wall=1e9)) is m3
     m4 = apply(apply(m3, RttMeasured("p", 10.0)), RttMeasured("p", 20.0))
     assert 10.0 < m4.peers["p"].rtt_ms < 20.0
     m5 = apply(m4, Disconnected("p"))
@@ -171,6 +184,9 @@ def test_three_nodes_see_each_other_and_changes_spread(tmp_path: Path) -> None:
                 assert await b.view.wait_for(lambda v: v.get(c.peer_id).connected, 5)
                 assert set(b.connected_peers()) == {a.peer_id, c.peer_id}
                 assert await b.view.wait_for(lambda v: v.get(a.peer_id).rtt_ms is not None, 5)
+                entry = next(e for e in b.view.status_nodes() if e["id"] == a.peer_id)
+                assert entry["name"] == "a" and entry["state"] == "alive" and entry["models"][0]["id"] == "m1"
+                assert entry["rtt_ms"] is not None and entry["connected"]
 
                 # a change is published at once, not at the next tick
                 a.test_state["state"] = NodeState(name="a", models=[ModelState(id="m2")])
@@ -280,6 +296,25 @@ def test_stream_echo_10mb(tmp_path: Path) -> None:
             took = time.monotonic() - t
             assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
             print(f"10 MiB echo in {took:.2f} s ({2 * size / took / 2**20:.0f} MiB/s both ways)")
+
+            # request/response: half-close, then read the answer; nothing leaks
+            async def upper(stream: Stream, peer: str) -> None:
+                request = bytearray()
+                while chunk := await stream.read():
+                    request += chunk
+                await stream.write(bytes(request).upper())
+
+            b.set_handler("/test/upper/1", upper)
+            sem = a._host.get_network()._stream_semaphore
+            before = sem.value
+            for i in range(50):
+                s = await a.open_stream(b.peer_id, "/test/upper/1")
+                await s.write(b"hello %d" % i)
+                await s.close()
+                assert await s.read_exactly(len(b"hello %d" % i)) == b"HELLO %d" % i
+                assert await s.read() == b""
+            assert sem.value == before
+
             with pytest.raises(PeerError):
                 await a.open_stream(b.peer_id, "/test/nobody-serves-this/1")
             with pytest.raises(PeerError):
@@ -304,7 +339,7 @@ def test_identity_persists_across_restart(tmp_path: Path) -> None:
     run(main)
 
 
-def test_stopped_node_goes_suspect_and_static_peer_comes_back(tmp_path: Path) -> None:
+def test_silent_or_stopped_node_goes_suspect(tmp_path: Path) -> None:
     token = parse_token(new_token())
 
     async def main() -> None:
@@ -313,6 +348,14 @@ def test_stopped_node_goes_suspect_and_static_peer_comes_back(tmp_path: Path) ->
                 c = await stack.enter_async_context(node(tmp_path, token, "c", [a.addrs[0]]))
                 assert await a.view.wait_for(alive(c), 8)
                 c_id = c.peer_id
+                # c stays connected but stops gossiping (its state() fails): suspect after 3 ticks
+                c.test_state["state"] = None  # the publisher cannot seal None: it skips the tick
+                t = time.monotonic()
+                assert await a.view.wait_for(lambda v: v.get(c_id).status == "suspect", 5)
+                silent = time.monotonic() - t
+                assert a.view.get(c_id).connected and SUSPECT_AFTER - 1 < silent < SUSPECT_AFTER + 1.5
+                c.test_state["state"] = NodeState(name="c")
+                assert await a.view.wait_for(lambda v: v.get(c_id).status == "alive", 3)
             t = time.monotonic()
             assert await a.view.wait_for(lambda v: v.get(c_id).status == "suspect", 4.5)
             gone = time.monotonic() - t
@@ -321,7 +364,7 @@ def test_stopped_node_goes_suspect_and_static_peer_comes_back(tmp_path: Path) ->
             async with node(tmp_path, token, "c", [a.addrs[0]]) as c2:
                 assert c2.peer_id == c_id
                 assert await a.view.wait_for(lambda v: v.get(c_id).status == "alive", 8)
-            print(f"stopped node suspect after {gone:.2f} s")
+            print(f"silent node suspect after {silent:.2f} s, stopped node after {gone:.2f} s")
 
     run(main)
 
@@ -345,5 +388,68 @@ def test_static_peer_redialed_after_restart(tmp_path: Path) -> None:
                 t = time.monotonic()
                 assert await b.view.wait_for(lambda v: v.get(a3.peer_id).status == "alive", 10)
                 print(f"static peer back after {time.monotonic() - t:.2f} s")
+
+    run(main)
+
+
+def test_token_bootstrap_and_peer_address_without_id(tmp_path: Path) -> None:
+    token = parse_token(new_token())
+
+    async def main() -> None:
+        async with node(tmp_path, token, "a") as a:
+            with_boot = Token(token.secret, (a.addrs[0],))          # same mesh, a as bootstrap
+            no_id = a.addrs[0].split("/p2p/")[0]                     # /ip4/127.0.0.1/tcp/N
+            async with node(tmp_path, with_boot, "b") as b, node(tmp_path, token, "c", [no_id]) as c:
+                assert await a.view.wait_for(alive(b, c), 8)
+                assert await b.view.wait_for(alive(a), 5) and await c.view.wait_for(alive(a), 5)
+
+    run(main)
+
+
+def test_own_address_as_static_peer_is_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A token's bootstrap list may name the node that made it: that node must not dial itself."""
+    caplog.set_level(logging.DEBUG, logger="mesh.discovery")
+    token = parse_token(new_token())
+    me = peer_id_of(load_or_create_identity(tmp_path / "s"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    own = f"/ip4/127.0.0.1/tcp/{port}"
+
+    async def main() -> None:
+        async with open_p2p(home=tmp_path / "s", token=Token(token.secret, (f"{own}/p2p/{me}",)), name="s",
+                            listen_host="127.0.0.1", p2p_port=port, peers=[own], mdns=False,
+                            state=lambda: NodeState(name="s")) as s:
+            assert s.peer_id == me
+            with trio.fail_after(5):
+                while sum("is this node" in r.getMessage() for r in caplog.records) < 2:
+                    await trio.sleep(0.05)
+            assert s.connected_peers() == [] and s.denied_count == 0
+
+    run(main)
+
+
+def test_mdns_finds_same_mesh_only(tmp_path: Path) -> None:
+    zeroconf = pytest.importorskip("zeroconf")
+    try:
+        zeroconf.Zeroconf(ip_version=zeroconf.IPVersion.V4Only).close()
+    except OSError as exc:
+        pytest.skip(f"no multicast here: {exc}")
+    token, other = parse_token(new_token()), parse_token(new_token())
+
+    async def main() -> None:
+        def mdns_node(tok: Token, name: str) -> Any:
+            return open_p2p(home=tmp_path / name, token=tok, name=name, listen_host="127.0.0.1", p2p_port=0,
+                            peers=[], mdns=True, state=lambda: NodeState(name=name))
+
+        async with mdns_node(token, "a") as a, mdns_node(token, "b") as b, mdns_node(other, "o") as o:
+            t = time.monotonic()
+            assert await a.view.wait_for(alive(b), 10) and await b.view.wait_for(alive(a), 5)
+            found = time.monotonic() - t
+            assert len(o.view) == 0 and o.denied_count == 0 and a.denied_count == 0
+            t = time.monotonic()
+        closed = time.monotonic() - t
+        assert closed < 3.0, closed
+        print(f"mDNS: found in {found:.2f} s, 3 nodes closed in {closed:.2f} s")
 
     run(main)

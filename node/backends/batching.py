@@ -218,7 +218,7 @@ class BatchScheduler:
 
     def __init__(self, model: llama_cpp.llama_model_p, vocab: llama_cpp.llama_vocab_p, *,
                  n_slots: int, n_ctx_slot: int, threads: int, flash_attn: bool = True,
-                 n_batch: int = 512) -> None:
+                 n_batch: int = 512, kv_unified: bool = False) -> None:
         self.model, self.vocab = model, vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         self.n_batch = max(n_batch, n_slots)
@@ -226,7 +226,7 @@ class BatchScheduler:
         p.n_ctx = n_ctx_slot * n_slots
         p.n_batch = p.n_ubatch = self.n_batch
         p.n_seq_max = n_slots
-        p.kv_unified = False
+        p.kv_unified = kv_unified
         p.n_threads = p.n_threads_batch = threads
         p.no_perf = True
         p.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn

@@ -1,0 +1,117 @@
+"""`GET /openapi.json`: the OpenAPI 3.1 document of the whole HTTP API, built from the code.
+
+Paths and methods come from the app's own URL map (so a route cannot be missing from the
+document), request bodies from the same pydantic models that validate them, and every
+error response is OpenAI's shape. `DOCS` adds a summary, the API-key feature a route
+needs, and its request model; a route without an entry is still listed (a test checks
+that every route has one).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel
+
+from api.auth import OPEN_PATHS, feature_for
+from api.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, TranscriptionForm
+
+ERROR_SCHEMA = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"],
+                             "properties": {"message": {"type": "string"},
+                                            "type": {"type": "string"},
+                                            "param": {"type": ["string", "null"]},
+                                            "code": {"type": ["string", "null"]}}}}}
+
+
+class _ModelId(BaseModel):
+    id: str
+    load: bool = False
+    split: bool = False
+
+
+class _KeyCreate(BaseModel):
+    name: str
+    features: list[str]
+
+
+DOCS: dict[str, tuple[str, type[BaseModel] | None]] = {
+    "openai.list_models": ("List the models served anywhere in the mesh", None),
+    "openai.get_model": ("One model's card", None),
+    "openai.chat_completions": ("Chat completion (stream or not)", ChatRequest),
+    "openai.completions": ("Text completion (stream or not)", CompletionRequest),
+    "openai.embeddings": ("Embeddings", EmbeddingRequest),
+    "openai.transcriptions": ("Speech to text (multipart)", TranscriptionForm),
+    "mesh.health": ("Liveness", None),
+    "mesh.readyz": ("Readiness: 503 until the node's models are loaded", None),
+    "mesh.status": ("This node and every node of the mesh", None),
+    "mesh.metrics": ("Prometheus metrics", None),
+    "models.gallery": ("Installable models", None),
+    "models.models": ("Installed, loaded and mesh-wide models", None),
+    "models.install_model": ("Start an install job", _ModelId),
+    "models.job": ("An install job's progress", None),
+    "models.job_events": ("An install job's progress as server-sent events", None),
+    "models.load_model": ("Load an installed model", _ModelId),
+    "models.unload_model": ("Unload a model", _ModelId),
+    "models.remove_model": ("Delete an installed model", None),
+    "keys.list_keys": ("List API keys (never their secrets)", None),
+    "keys.create_key": ("Create an API key; the response shows it once", _KeyCreate),
+    "keys.revoke_key": ("Revoke an API key mesh-wide", None),
+    "mesh.openapi": ("This document", None),
+}
+
+
+def _path(rule: str) -> tuple[str, list[str]]:
+    names = re.findall(r"<(?:[a-z]+:)?([a-z_]+)>", rule)
+    return re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule), names
+
+
+def build(app) -> dict[str, Any]:
+    components: dict[str, Any] = {"Error": ERROR_SCHEMA}
+    paths: dict[str, Any] = {}
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path, params = _path(rule.rule)
+        summary, model = DOCS.get(rule.endpoint, (rule.endpoint, None))
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            op: dict[str, Any] = {
+                "operationId": rule.endpoint.replace(".", "_") + ("" if method == "GET" else f"_{method.lower()}"),
+                "summary": summary,
+                "parameters": [{"name": p, "in": "path", "required": True,
+                                "schema": {"type": "string"}} for p in params],
+                "responses": {"2XX": {"description": "success"},
+                              "default": {"description": "an error, in OpenAI's shape",
+                                          "content": {"application/json": {
+                                              "schema": {"$ref": "#/components/schemas/Error"}}}}},
+            }
+            feature = None if path in OPEN_PATHS else feature_for(path)
+            if feature:
+                op["security"] = [{"bearer": []}, {}]
+                op["x-mesh-feature"] = feature
+            if model is not None and method != "GET":
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(schema.pop("$defs", {}))
+                components[model.__name__] = schema
+                ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+                if model is TranscriptionForm:
+                    body_schema = {"allOf": [ref, {"type": "object", "required": ["file"],
+                                                   "properties": {"file": {"type": "string",
+                                                                           "format": "binary"}}}]}
+                    op["requestBody"] = {"required": True, "content": {
+                        "multipart/form-data": {"schema": body_schema}}}
+                else:
+                    op["requestBody"] = {"required": True,
+                                         "content": {"application/json": {"schema": ref}}}
+            paths.setdefault(path, {})[method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "inference-mesh", "version": "0.1.0",
+                 "description": "OpenAI-compatible API of an inference-mesh node, plus its "
+                                "mesh and model management routes."},
+        "paths": dict(sorted(paths.items())),
+        "components": {"schemas": components,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
