@@ -281,18 +281,26 @@ async def embeddings():
 
 
 # ----------------------------------------------------------- transcription
+async def _multipart():
+    """Parse the multipart body from the raw bytes, which stay readable by the proxy
+    (Quart's own `request.form` consumes the body)."""
+    raw = await request.get_data()
+
+    async def once():
+        yield raw
+
+    parser = request.make_form_data_parser()
+    return await parser.parse(once(), request.mimetype, len(raw), request.mimetype_params)
+
+
 @bp.post("/v1/audio/transcriptions")
 @_relay_aware
 async def transcriptions():
     if not (request.mimetype or "").startswith("multipart/form-data"):
         raise BadRequest("expected a multipart/form-data body with a 'file' field",
                          param="file")
-    form = await request.form
-    files = await request.files
-    try:
-        params = TranscriptionForm.model_validate(dict(form.items()))
-    except Exception:
-        raise
+    form, files = await _multipart()
+    params = TranscriptionForm.model_validate(dict(form.items()))
     worker = await _route_local(params.model, "whisper", "audio transcription")
     upload = files.get("file")
     if upload is None:

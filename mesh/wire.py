@@ -94,6 +94,7 @@ class NodeState(_Wire):
     models: list[ModelState] = Field(default_factory=list)
     load: float = 0.0                            # e.g. 1-minute load average / cores
     open: bool = False                           # no API keys and listening beyond loopback
+    keys: list[dict[str, Any]] = Field(default_factory=list)  # API key records (mesh/keys.py): hashes, never secrets
     extra: dict[str, Any] = Field(default_factory=dict)
 
 

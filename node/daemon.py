@@ -16,6 +16,7 @@ are terminated. The whole takes < 5 s.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -35,6 +36,11 @@ from gallery.store import InstalledModel, Store
 from mesh.config import NodeConfig
 from mesh.errors import MeshError
 from mesh.keys import KeyRing
+from mesh.p2p import open_p2p
+from mesh.peers import MeshPeers
+from mesh.proxy import PROTOCOL as PROXY_PROTOCOL, Proxy, make_handler as make_proxy_handler
+from mesh.token import parse_token
+from mesh.wire import ModelState, NodeState
 from mesh.router import Router
 from node import resources
 from node.jobs import Jobs
@@ -43,6 +49,9 @@ from node.workers import ModelSpec, WorkerPool
 
 log = logging.getLogger("node.daemon")
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+OPEN_WARNING = ("the API listens on %s, beyond loopback, and the mesh has no API key: anyone "
+                "who can reach it can use it (create one with `mesh keys create`)")
 SHUTDOWN_GRACE = 2.0     # seconds open requests get after Ctrl-C; workers get 2 s more
 VERSION = "0.1.0"
 
@@ -89,6 +98,27 @@ class Services:
         if self.p2p is not None:
             self.p2p.notify_changed()
 
+    def is_open(self) -> bool:
+        """No API key and an API reachable beyond this machine: anyone can use it."""
+        return not self.keyring.enforcing and self.config.host not in LOOPBACK
+
+    def node_state(self) -> NodeState:
+        """What this node gossips each tick (mesh/wire.py)."""
+        res = resources.read()
+        models = []
+        for w in list(self.pool.workers.values()):
+            slots = int(w.stats.get("slots") or w.info.get("slots") or 1)
+            models.append(ModelState(
+                id=w.id, backend=w.spec.backend, state=w.state, ctx=int(w.info.get("ctx") or 0),
+                slots=slots, busy=int(w.stats.get("busy", min(w.in_flight, slots))),
+                queued=int(w.stats.get("queued", max(0, w.in_flight - slots))),
+                tokens_per_s=float(w.stats.get("tokens_per_s") or 0.0),
+                aliases=list(w.spec.aliases)))
+        return NodeState(name=self.node_name, version=VERSION, api_url=self.api_url,
+                         ram_total=res.ram_total, ram_free=res.ram_free,
+                         vram_total=res.vram_total, vram_free=res.vram_free, models=models,
+                         load=res.load, open=self.is_open(), keys=self.keyring.wire())
+
     def is_proxied(self, request) -> bool:
         """True for a request a mesh peer forwarded to us (it must not hop again)."""
         return bool(request.scope.get("extensions", {}).get("mesh.peer"))
@@ -120,13 +150,21 @@ class Services:
                        "vram_total": res.vram_total, "vram_free": res.vram_free,
                        "gpus": [vars(g) for g in res.gpus]},
             "load": res.load,
+            "open": self.is_open(),
         }
 
     def status(self) -> dict[str, Any]:
         me = self.self_status()
         nodes = [me] + (self.p2p.view.status_nodes() if self.p2p else [])
-        return {"self": {k: me[k] for k in ("id", "name", "addrs", "api")},
-                "mesh": bool(self.p2p), "nodes": nodes}
+        warnings = [f"node {n['name']!r} serves its API beyond loopback with no API key: "
+                    "anyone who can reach it can use it" for n in nodes if n.get("open")]
+        me_short = {k: me[k] for k in ("id", "name", "addrs", "api")}
+        if self.p2p:
+            me_short.update(denied=self.p2p.denied_count,
+                            rejected_gossip=self.p2p.rejected_gossip_count)
+        return {"self": me_short,
+                "mesh": self.p2p.mesh_id if self.p2p else None, "nodes": nodes,
+                "warnings": warnings}
 
 
 def _bind(host: str, port: int) -> str:
@@ -169,6 +207,7 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
     config.home.mkdir(parents=True, exist_ok=True)
     os.chmod(config.home, 0o700)
     config.run_dir.mkdir(parents=True, exist_ok=True)
+    token = parse_token(config.token) if config.token else None
     store = Store(config.models_path)
     index = load_index(config.gallery)
     names = [] if config.no_models else list(config.models)
@@ -177,16 +216,31 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
         installed = store.get(name)
         wanted.append(installed.id if installed else resolve(index, name).id)
 
-    async with trio.open_nursery() as nursery:
+    async with contextlib.AsyncExitStack() as stack:
+        nursery = await stack.enter_async_context(trio.open_nursery())
         pool = WorkerPool(config.run_dir, max_queue=config.max_queue)
         await nursery.start(pool.serve)
         router = Router(pool)
         svc = Services(config=config, node_name=config.name, pool=pool, router=router,
-                       store=store, index=index, metrics=NodeMetrics(pool), wanted=wanted)
+                       store=store, index=index, metrics=NodeMetrics(pool), wanted=wanted,
+                       keyring=KeyRing(config.home))
         pool.on_change = svc.notify_changed
-        svc.keyring = KeyRing(config.home)
         svc.jobs = await nursery.start(Jobs(store, after_install=svc.load_model).serve)
         app = create_app(svc)
+
+        if token is not None:
+            p2p = await stack.enter_async_context(open_p2p(
+                home=config.home, token=token, name=config.name, listen_host=config.host,
+                p2p_port=config.p2p_port, peers=config.peers, mdns=config.mdns,
+                state=svc.node_state))
+            svc.keyring.node_id = p2p.peer_id
+            svc.p2p = p2p
+            router.peers = MeshPeers(p2p.view)
+            svc.proxy = Proxy(p2p, router, request_timeout=config.request_timeout)
+            p2p.set_handler(PROXY_PROTOCOL, make_proxy_handler(app, max_body=config.max_body_bytes))
+            nursery.start_soon(_merge_gossiped_keys, svc)
+            for addr in p2p.addrs:
+                say(f"p2p {addr}")
 
         hc = HypercornConfig()
         hc.bind = [_bind(config.host, config.port)]
@@ -200,9 +254,8 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
         url = (binds[0] if binds else f"http://{_bind(config.host, config.port)}").rstrip("/")
         svc.api_url = url
         say(f"api {url}/v1")
-        if config.host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("the API listens beyond loopback on %s with no API keys: anyone who can "
-                        "reach it can use it", config.host)
+        if svc.is_open():
+            log.warning(OPEN_WARNING, config.host)
         nursery.start_soon(_install_and_load, svc, wanted)
         task_status.started(svc)
 
@@ -215,3 +268,20 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
         nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE + 0.5
         for w in pool.workers.values():
             w.stop()
+
+
+async def _merge_gossiped_keys(svc: Services) -> None:
+    """Fold the key records peers gossip into ours; re-gossip when ours changed."""
+    view = svc.p2p.view
+    while True:
+        changed = view.changed
+        merged = False
+        for peer in view.peers():
+            if peer.state.keys:
+                try:
+                    merged |= svc.keyring.merge(peer.state.keys)
+                except ValueError as exc:   # pydantic: a malformed record from a peer
+                    log.warning("ignored bad key records from %s: %s", peer.name, exc)
+        if merged:
+            svc.notify_changed()
+        await changed.wait()

@@ -43,6 +43,8 @@ ACCEPT_TIMEOUT = 30.0      # child start-up until it connects (imports only)
 LOAD_TIMEOUT = 600.0       # connect until `ready` (model load; big files on slow disks)
 STOP_GRACE = 2.0           # SIGTERM -> SIGKILL
 RESTART_BACKOFF = (0.2, 1.0, 3.0, 10.0)
+STATS_EVERY = 1.0          # the gossip tick: stats are as fresh as what peers see
+STATS_ID = -1              # reserved request id of the stats poll's replies
 
 
 class WorkerRequestError(MeshError):
@@ -102,7 +104,7 @@ class Worker:
                 "error": self.error, "pid": self.pid, "restarts": self.restarts,
                 "in_flight": self.in_flight, "ctx": self.info.get("ctx"),
                 "slots": self.info.get("slots", 1), "aliases": self.spec.aliases,
-                **{k: v for k, v in self.stats.items() if k in ("tokens_per_s", "busy")}}
+                **{k: v for k, v in self.stats.items() if k in ("tokens_per_s", "busy", "queued")}}
 
     # -------------------------------------------------------------- requests
     async def _wait_ready(self) -> None:
@@ -209,6 +211,22 @@ class Worker:
                 self._ready.set()
                 self.on_change()
 
+    async def _poll_stats(self) -> None:
+        """Ask the child for its figures (slots busy, queue, tokens/s) once per STATS_EVERY;
+        the reply comes on the reserved id STATS_ID, outside the request bookkeeping."""
+        while True:
+            try:
+                await self._send({"op": "stats", "id": STATS_ID})
+            except WorkerDied:
+                return
+            await trio.sleep(STATS_EVERY)
+
+    def _take_stats(self, data: dict[str, Any]) -> None:
+        before = (self.stats.get("busy"), self.stats.get("queued"))
+        self.stats = data
+        if (data.get("busy"), data.get("queued")) != before:
+            self.on_change()
+
     def stop(self) -> None:
         self.state = "stopped"
         if self._cancel_scope is not None:
@@ -259,17 +277,23 @@ class Worker:
             self.on_change()
             on_ready()
             try:
-                while True:
-                    try:
-                        frame = await read_frame(stream)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
-                            ValueError):
-                        frame = None
-                    if frame is None:
-                        break
-                    send = self._pending.get(frame.get("id"))
-                    if send is not None:
-                        send.send_nowait(frame)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._poll_stats)
+                    while True:
+                        try:
+                            frame = await read_frame(stream)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                                ValueError):
+                            frame = None
+                        if frame is None:
+                            break
+                        if frame.get("id") == STATS_ID:
+                            self._take_stats(frame.get("data") or {})
+                            continue
+                        send = self._pending.get(frame.get("id"))
+                        if send is not None:
+                            send.send_nowait(frame)
+                    nursery.cancel_scope.cancel()
             finally:
                 self._stream = None
                 await stream.aclose()

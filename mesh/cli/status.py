@@ -7,6 +7,7 @@ import time
 import click
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -32,7 +33,7 @@ def render(status: dict) -> Group:
             models.append(m.get("id", "?") + ("" if state == "loaded" else f" ({state})"))
             by_model.setdefault(m.get("id", "?"), []).append(f"{n.get('name')} [{state}]")
         seen = max(0.0, now - float(n.get("last_seen") or now))
-        nodes.add_row(str(n.get("name")), str(n.get("id") or "-")[-12:], str(n.get("state")),
+        nodes.add_row(escape(str(n.get("name"))), str(n.get("id") or "-")[-12:], str(n.get("state")),
                       str(n.get("api") or "-"), ", ".join(models) or "-",
                       _gib(mem.get("ram_free")), _gib(mem.get("vram_free")),
                       f"{float(n.get('load') or 0):.2f}", f"{seen:.0f}s ago")
@@ -40,7 +41,7 @@ def render(status: dict) -> Group:
     models.add_column("model")
     models.add_column("nodes")
     for model, where in sorted(by_model.items()):
-        models.add_row(model, ", ".join(where))
+        models.add_row(model, escape(", ".join(where)))
     parts = [nodes, models]
     parts += [Text(f"warning: {w}", style="bold red") for w in status.get("warnings", [])]
     return Group(*parts)

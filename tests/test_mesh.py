@@ -1,0 +1,163 @@
+"""Three `mesh up` processes on 127.0.0.1 sharing one token; only node A has models."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.procs import MeshNode, run_cli
+
+CHAT = "smollm2-135m-instruct"
+
+
+def eventually(fn, timeout=15.0, interval=0.1):
+    """fn() until it returns a truthy value; its last value (or the failure) at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = fn()
+        except (httpx.HTTPError, AssertionError):
+            value = None
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def status(node) -> dict:
+    r = run_cli("status", "--json", "--url", node.api)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def names(node) -> set[str]:
+    return {n["name"] for n in httpx.get(node.api + "/mesh/status", timeout=5).json()["nodes"]
+            if n["state"] == "alive"}
+
+
+@pytest.fixture(scope="module")
+def token():
+    r = run_cli("token")
+    assert r.returncode == 0
+    return r.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory, token):
+    tmp = tmp_path_factory.mktemp("mesh")
+    with socket.socket() as s:          # a fixed p2p port, so A can restart on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    a = MeshNode(tmp / "a", ["--name", "a", "--token", token, "--no-mdns",
+                             "--p2p-port", str(port)]).start()
+    a_addr = a.wait_for(r"mesh: p2p (/ip4/127\.0\.0\.1/\S+)").group(1)
+    a.wait_ready()
+    b = MeshNode(tmp / "b", ["--name", "b", "--no-models", "--token", token, "--no-mdns",
+                             "--peer", a_addr]).start().wait_ready()
+    c = MeshNode(tmp / "c", ["--name", "c", "--no-models", "--no-mdns", "--peer", a_addr],
+                 env={"MESH_TOKEN": token}).start().wait_ready()
+    nodes = {"a": a, "b": b, "c": c, "a_addr": a_addr, "tmp": tmp}
+    yield nodes
+    for n in (a, b, c):
+        n.stop()
+
+
+def test_all_nodes_see_each_other(mesh):
+    for n in ("a", "b", "c"):
+        assert eventually(lambda: names(mesh[n]) == {"a", "b", "c"}), names(mesh[n])
+    st = status(mesh["c"])
+    assert st["self"]["name"] == "c" and st["self"]["addrs"]
+    a = next(n for n in st["nodes"] if n["name"] == "a")
+    assert {m["id"] for m in a["models"]} == {CHAT, "whisper-tiny.en"}
+    assert a["memory"]["ram_total"] > 0 and a["state"] == "alive" and a["id"].startswith("12D3")
+    assert all(n["models"] == [] for n in st["nodes"] if n["name"] != "a")
+    table = run_cli("status", "--url", mesh["c"].api)
+    assert table.returncode == 0 and CHAT in table.stdout and "a [loaded]" in table.stdout
+
+
+def test_models_list_is_mesh_wide(mesh):
+    client = openai.OpenAI(base_url=mesh["b"].v1, api_key="x", max_retries=0)
+    assert eventually(lambda: {CHAT, "whisper-tiny.en"} <= {m.id for m in client.models.list().data})
+
+
+def test_streamed_chat_through_a_node_without_the_model(mesh):
+    eventually(lambda: CHAT in {m["id"] for m in httpx.get(mesh["c"].v1 + "/models").json()["data"]})
+    client = openai.OpenAI(base_url=mesh["c"].v1, api_key="x", max_retries=0)
+    t0 = time.monotonic()
+    arrivals = []
+    raw = client.chat.completions.with_raw_response.create(
+        model=CHAT, stream=True, max_tokens=60,
+        messages=[{"role": "user", "content": "Write a long story about a dragon."}])
+    assert raw.headers["x-mesh-node"] == "a"
+    for chunk in raw.parse():
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.monotonic() - t0)
+    assert len(arrivals) >= 20
+    assert arrivals[0] < 0.5 * arrivals[-1], "chunks came all at once, not as a stream"
+    r = client.chat.completions.create(model="smollm2", max_tokens=5,
+                                       messages=[{"role": "user", "content": "Hi"}])
+    assert r.choices[0].message.content
+
+
+def test_embeddings_and_transcription_proxy(mesh, speech_wav):
+    client = openai.OpenAI(base_url=mesh["b"].v1, api_key="x", max_retries=0)
+    assert len(client.embeddings.create(model=CHAT, input="hello").data[0].embedding) == 576
+    with open(speech_wav, "rb") as f:
+        text = client.audio.transcriptions.create(model="whisper-1", file=f).text
+    assert "hello" in text.lower()
+    r = httpx.post(mesh["b"].v1 + "/chat/completions", json={"model": CHAT, "messages": "x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_disconnect_through_the_proxy_cancels_on_the_peer(mesh):
+    client = openai.OpenAI(base_url=mesh["c"].v1, api_key="x", max_retries=0)
+    with client.chat.completions.create(model=CHAT, stream=True, max_tokens=2000, messages=[
+            {"role": "user", "content": "Write a very long story."}]) as stream:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break
+
+    def idle():
+        me = httpx.get(mesh["a"].api + "/mesh/status").json()["nodes"][0]
+        return all(m["in_flight"] == 0 for m in me["models"])
+    assert eventually(idle, timeout=3)
+
+
+def test_wrong_token_is_refused(mesh, tmp_path):
+    other = run_cli("token").stdout.strip()
+    d = MeshNode(tmp_path / "d", ["--name", "d", "--no-models", "--token", other, "--no-mdns",
+                                  "--peer", mesh["a_addr"]]).start().wait_ready()
+    try:
+        assert eventually(lambda: status(mesh["a"])["self"]["denied"] > 0, timeout=10)
+        for n in ("a", "b", "c"):
+            assert "d" not in {x["name"] for x in status(mesh[n])["nodes"]}
+        assert {x["name"] for x in status(d)["nodes"]} == {"d"}
+        r = httpx.post(d.v1 + "/chat/completions", timeout=30, json={
+            "model": CHAT, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert "Traceback" not in d.log_tail(10**6)
+    finally:
+        d.stop()
+
+
+def test_killed_serving_node_leaves_and_comes_back_with_same_id(mesh):
+    a, c = mesh["a"], mesh["c"]
+    a_id = status(a)["self"]["id"]
+    a.stop(sig=9)
+    t0 = time.monotonic()
+    for n in ("b", "c"):
+        assert eventually(lambda: "a" not in names(mesh[n]), timeout=5), names(mesh[n])
+    assert time.monotonic() - t0 < 5
+    client = openai.OpenAI(base_url=c.v1, api_key="x", max_retries=0, timeout=20)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}])
+    a.start()
+    a.wait_for(r"mesh: p2p ")
+    a.wait_ready()
+    assert status(a)["self"]["id"] == a_id
+    assert eventually(lambda: "a" in names(c), timeout=15)
+    assert eventually(lambda: CHAT in {m["id"] for m in httpx.get(c.v1 + "/models").json()["data"]})
