@@ -36,6 +36,7 @@ class MeshNode:
     proc: subprocess.Popen | None = None
     lines: list[str] = field(default_factory=list)
     api: str = ""
+    prefix: list[str] = field(default_factory=list)   # e.g. ["ip", "netns", "exec", "ns1"]
 
     def start(self) -> "MeshNode":
         self.home.mkdir(parents=True, exist_ok=True)
@@ -43,7 +44,9 @@ class MeshNode:
         env.update({"PYTHONUNBUFFERED": "1", **self.env})
         self._log = open(self.home / "node.log", "ab")
         self.proc = subprocess.Popen(
-            [*MESH, "up", "--home", str(self.home), "--host", "127.0.0.1", "--port", "0",
+            [*self.prefix, *MESH, "up", "--home", str(self.home),
+             *([] if "--host" in self.args else ["--host", "127.0.0.1"]),
+             *([] if "--port" in self.args else ["--port", "0"]),
              *([] if "--models-dir" in self.args else ["--models-dir", str(models_dir())]),
              *self.args],
             stdout=subprocess.PIPE, stderr=self._log, env=env, cwd=REPO, text=True)
