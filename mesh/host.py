@@ -49,6 +49,16 @@ drains the queue in order. Memory stays bounded by yamux's per-stream windows; p
 ``WRITE_BEHIND_LOW``. Batching the queue into one send also cuts syscalls for the many
 small frames of token streams.
 
+Bulk throughput (mesh/files.py moves model files over streams; measured with
+``python -m bench.gallery`` on loopback, two processes): two settings doubled it.
+- Read-ahead: ``_PnetStream.read`` receives up to ``READ_AHEAD`` (256 KiB) per syscall and
+  serves later reads from that buffer. Noise reads a 2-byte length and then its message,
+  yamux a 12-byte header and then its body, so unbuffered reads were ~14 KiB recv calls.
+- ``PY_YAMUX_RELEASE_ON_READ=0`` (py-libp2p's own tuning switch, read at call time; set by
+  ``open_host`` unless the environment sets it): the receiver sends a yamux window update
+  when half its window is consumed (go-yamux's rule), not after every read. The default
+  sent one ~30-byte window update (a Noise message and a socket send) per ~14 KiB read.
+
 Listening: ``/ip4/<host>/tcp/<port>``; port 0 means any free port. A wildcard host
 (0.0.0.0) is never advertised: ``addrs_factory`` replaces it with the machine's IPv4
 addresses (LAN first, loopback last), so peers, identify and mDNS see dialable addresses.
@@ -103,6 +113,7 @@ _PNET_NONCE = 12
 WRITE_BEHIND_HIGH = 32 * 2**20   # bytes queued per connection before write() waits
 WRITE_BEHIND_LOW = 8 * 2**20     # ... until the queue is down to this
 CLOSE_FLUSH_TIMEOUT = 0.5        # s a closing connection waits for its queue to leave
+READ_AHEAD = 256 * 1024          # bytes asked of the socket per read (see "Bulk throughput")
 
 
 class TokenMismatch(IOException):
@@ -134,6 +145,7 @@ class _PnetStream(ReadWriteCloser):
         self._enc: Any = None
         self._dec: Any = None
         self._rlock = trio.Lock()
+        self._rbuf: memoryview | None = None   # decrypted bytes read ahead, not yet consumed
         self._wlock = trio.Lock()          # direct mode only
         self._write_behind = write_behind
         self._out: list[bytes] = []
@@ -230,8 +242,17 @@ class _PnetStream(ReadWriteCloser):
         async with self._rlock:
             if self._dec is None:
                 await self._read_preamble()
-            data = await self._inner.read(n)
-            return self._dec.update(data) if data else b""
+            buf = self._rbuf
+            if not buf:
+                data = await self._inner.read(max(n or 0, READ_AHEAD))
+                if not data:
+                    return b""
+                buf = memoryview(self._dec.update(data))
+            if n is None or n >= len(buf):
+                self._rbuf = None
+                return bytes(buf)
+            self._rbuf = buf[n:]
+            return bytes(buf[:n])
 
     async def close(self) -> None:
         if not self._closed:
@@ -426,6 +447,7 @@ async def open_host(key_pair: KeyPair, psk: bytes, *, listen_host: str, port: in
     """Run a host listening on ``listen_host:port`` for the duration of the block."""
     addrs = listen_addrs_for(listen_host, port)
     _check_port_free(listen_ip(listen_host), port)
+    os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")   # see "Bulk throughput"
     transport = PnetTCP(psk, on_mismatch)
     host = build_host(key_pair, transport)
     async with trio.open_nursery() as senders:
