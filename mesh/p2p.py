@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -281,7 +282,10 @@ class P2P:
         return Stream(net, peer_id, protocol)
 
     async def connect(self, addr: str) -> str:
-        """Connect to a peer address (``/ip4/../tcp/N[/p2p/<id>]``); its peer id once admitted."""
+        """Connect to a peer address (``/ip4/../tcp/N[/p2p/<id>]``); its peer id once admitted.
+        ``/dns4/NAME/...`` and ``/dns/NAME/...`` are resolved at each dial (compose service
+        names, hosts that change address)."""
+        addr = await resolve_dns(addr)
         ma, pid = split_peer_addr(addr)
         if pid is not None:
             self._check_not_self_or_denied(pid)
@@ -504,6 +508,21 @@ def _sole_exception(eg: BaseExceptionGroup) -> BaseException | None:  # type: ig
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return None if isinstance(exc, BaseExceptionGroup) else exc
+
+
+async def resolve_dns(addr: str) -> str:
+    """`/dns4/host/tcp/N/...` -> `/ip4/<address>/tcp/N/...` (libp2p's TCP dials IPs only)."""
+    parts = addr.split("/")
+    if len(parts) < 3 or parts[1] not in ("dns", "dns4", "dns6"):
+        return addr
+    family = {"dns4": socket.AF_INET, "dns6": socket.AF_INET6}.get(parts[1], socket.AF_UNSPEC)
+    try:
+        infos = await trio.socket.getaddrinfo(parts[2], None, family=family, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise PeerError(f"cannot resolve {parts[2]!r} in {addr}: {exc}") from exc
+    fam, *_, sockaddr = infos[0]
+    parts[1:3] = ["ip6" if fam == socket.AF_INET6 else "ip4", sockaddr[0]]
+    return "/".join(parts)
 
 
 @asynccontextmanager

@@ -56,8 +56,10 @@ def mesh(tmp_path_factory, token):
                              "--p2p-port", str(port)]).start()
     a_addr = a.wait_for(r"mesh: p2p (/ip4/127\.0\.0\.1/\S+)").group(1)
     a.wait_ready()
+    # b names a by DNS and without its peer id, as compose-cluster.yml does
+    b_peer = a_addr.replace("/ip4/127.0.0.1/", "/dns4/localhost/").split("/p2p/")[0]
     b = MeshNode(tmp / "b", ["--name", "b", "--no-models", "--token", token, "--no-mdns",
-                             "--peer", a_addr]).start().wait_ready()
+                             "--peer", b_peer]).start().wait_ready()
     c = MeshNode(tmp / "c", ["--name", "c", "--no-models", "--no-mdns", "--peer", a_addr],
                  env={"MESH_TOKEN": token}).start().wait_ready()
     nodes = {"a": a, "b": b, "c": c, "a_addr": a_addr, "tmp": tmp}
