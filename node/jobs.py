@@ -6,6 +6,8 @@ job's snapshot and wakes followers through a fresh `trio.Event`, so an SSE follo
 awaits changes instead of polling. Two jobs for the same model share one: asking again
 while it runs returns the running job (the installer's lock would serialise them anyway).
 Finished jobs are kept (the last MAX_KEPT) so a client can read how it ended.
+`sources` maps each installed file to where it came from (peer:<name> | origin | local);
+`source` is the same in one string (the distinct sources, in order).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class Job:
     files_done: int = 0
     files_total: int = 0
     error: str | None = None
+    source: str | None = None
+    sources: dict[str, str] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
     finished: float | None = None
     changed: trio.Event = field(default_factory=trio.Event, repr=False)
@@ -94,6 +98,9 @@ class Jobs:
             job.state = p.state if p.state != "done" else job.state
             job.file, job.bytes_done, job.bytes_total = p.file, p.bytes_done, p.bytes_total
             job.speed_bps, job.files_done, job.files_total = p.speed_bps, p.files_done, p.files_total
+            if p.source and p.file:
+                job.sources[p.file] = p.source
+                job.source = ", ".join(dict.fromkeys(job.sources.values()))
             job._touch()
 
         try:
