@@ -35,6 +35,8 @@ from gallery.installer import install
 from gallery.store import InstalledModel, Store
 from mesh.config import NodeConfig
 from mesh.errors import MeshError
+from mesh.files import PEER_SETTLE_S, MeshFileFetcher, advertisement
+from mesh.files import PROTOCOL as FILES_PROTOCOL, make_handler as make_files_handler
 from mesh.keys import KeyRing
 from mesh.p2p import open_p2p
 from mesh.peers import MeshPeers
@@ -98,6 +100,10 @@ class Services:
         if self.p2p is not None:
             self.p2p.notify_changed()
 
+    def peer_fetchers(self, settle_s: float = 0.0) -> list:
+        """Where the installer asks for pinned files before their origin: the mesh, if any."""
+        return [MeshFileFetcher(self.p2p, settle_s=settle_s)] if self.p2p is not None else []
+
     def is_open(self) -> bool:
         """No API key and an API reachable beyond this machine: anyone can use it."""
         return not self.keyring.enforcing and self.config.host not in LOOPBACK
@@ -117,7 +123,8 @@ class Services:
         return NodeState(name=self.node_name, version=VERSION, api_url=self.api_url,
                          ram_total=res.ram_total, ram_free=res.ram_free,
                          vram_total=res.vram_total, vram_free=res.vram_free, models=models,
-                         load=res.load, open=self.is_open(), keys=self.keyring.wire())
+                         load=res.load, open=self.is_open(), keys=self.keyring.wire(),
+                         extra=advertisement(self.store))
 
     def is_proxied(self, request) -> bool:
         """True for a request a mesh peer forwarded to us (it must not hop again)."""
@@ -188,7 +195,8 @@ async def _install_and_load(svc: Services, names: list[str]) -> None:
                         log.info("install %s: %s %s/%s bytes", p.id, p.state, p.bytes_done,
                                  p.bytes_total)
 
-                installed = await install(entry, svc.store, progress=progress)
+                installed = await install(entry, svc.store, progress=progress,
+                                          peer_fetchers=svc.peer_fetchers(PEER_SETTLE_S))
             await svc.pool.load(spec_for(installed), wait=True)
             log.info("loaded %s", installed.id)
         except MeshError as exc:
@@ -225,7 +233,8 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
                        store=store, index=index, metrics=NodeMetrics(pool), wanted=wanted,
                        keyring=KeyRing(config.home))
         pool.on_change = svc.notify_changed
-        svc.jobs = await nursery.start(Jobs(store, after_install=svc.load_model).serve)
+        svc.jobs = await nursery.start(Jobs(store, peer_fetchers=svc.peer_fetchers,
+                                            after_install=svc.load_model).serve)
         app = create_app(svc)
 
         if token is not None:
@@ -238,6 +247,7 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
             router.peers = MeshPeers(p2p.view)
             svc.proxy = Proxy(p2p, router, request_timeout=config.request_timeout)
             p2p.set_handler(PROXY_PROTOCOL, make_proxy_handler(app, max_body=config.max_body_bytes))
+            p2p.set_handler(FILES_PROTOCOL, make_files_handler(store))
             nursery.start_soon(_merge_gossiped_keys, svc)
             for addr in p2p.addrs:
                 say(f"p2p {addr}")

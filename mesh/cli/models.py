@@ -70,7 +70,8 @@ def install(model_id, load, url, key, as_json) -> None:
     if last["state"] != "done":
         raise click.ClickException(f"install of {model_id} failed: {last.get('error')}")
     if not as_json:
-        click.echo(f"installed {last['model']}" + (" and loaded it" if load else ""))
+        came = f" from {last['source']}" if last.get("source") else ""
+        click.echo(f"installed {last['model']}{came}" + (" and loaded it" if load else ""))
 
 
 @click.command()
