@@ -689,7 +689,8 @@ async def _from_peers(job: _Job, f: FileSpec, final: Path) -> tuple[str, int, st
             if sha == f.sha256 and (f.size is None or n == f.size):
                 os.replace(dest, final)
                 return sha, n, getattr(peer, "source", None) or f"peer:{peer!r}"
-            log.warning("%s: peer %r sent a bad copy (sha256 %s)", f.path, peer, sha)
+            log.warning("%s: %s sent a bad copy (sha256 %s)", f.path,
+                        getattr(peer, "source", None) or f"peer {peer!r}", sha)
     dest.unlink(missing_ok=True)
     return None
 

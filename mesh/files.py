@@ -17,7 +17,8 @@ Design notes
   tick costs a directory scan; a node with more than MAX_ADVERTISED files sends no list).
   The fetcher asks alive peers that list the hash first, then peers that send no list
   (older nodes, big stores), lowest RTT first; a peer whose list lacks the hash is not
-  asked: its list is at most a gossip tick old.
+  asked: its list is at most a gossip tick old. At start-up a node has no peer states yet,
+  so the daemon's start-up install waits up to PEER_SETTLE_S for a first one (once).
 - What is served: only a file `Store.find_file_by_sha256` finds, i.e. one listed in the
   model.yaml of an installed model, with its recorded size, under the models directory
   (checked again here, lexically: a symlinked model directory is the user's choice), and a
@@ -33,12 +34,19 @@ Design notes
   transfer that delivers nothing for STALL_TIMEOUT is abandoned (and resumed elsewhere).
   On the server, a reader that stops reading fails the writer after 5 s (yamux).
 - Throughput: 1 MiB writes, and reads of whatever yamux holds (up to 1 MiB); disk reads
-  and writes run in worker threads. What made the real difference is in mesh/host.py
-  ("Bulk throughput": read-ahead under Noise, go-yamux window updates). Measured with
-  `python -m bench.gallery` against a plain HTTP download of the same file.
-Left out on purpose: fetching ranges of one file from several peers at once (the Python
-stack is CPU-bound per connection, not link-bound, on a LAN), and advertising files that
-are still downloading.
+  and writes run in worker threads. `python -m bench.gallery` compares a peer fetch with
+  a plain HTTP download of the same 98 MB file on loopback: ~50-70 MB/s against ~200-350
+  MB/s on a busy 2-core machine, a ratio of ~0.25, short of the 0.5 aimed at. The cost is
+  CPU per 64 KiB yamux frame in py-libp2p (yamux, Noise, locks and task switches: ~6-8 ms
+  of CPU per MB on each side, against ~1 ms for HTTP); the read-ahead and window-update
+  settings in mesh/host.py ("Bulk throughput") took it from ~43 to ~62 MB/s. Sending
+  yamux payloads sized to fit one Noise message (65,507 bytes) showed no clear gain.
+  On a 1 GbE LAN the link caps HTTP at ~117 MB/s, about twice this path's rate here.
+Left out on purpose: fetching ranges of one file from several peers at once (CPU-bound
+per process, not link-bound), a side channel that moves the bytes outside libp2p (a second
+listening port and its own encryption: a design change for the mesh, not for this
+module), copying a file this node already holds under another model, and advertising
+files that are still downloading.
 """
 
 from __future__ import annotations
@@ -86,6 +94,14 @@ class _Receiver:
 
 class _Refused(Exception):
     """The peer answered, but will not (or cannot) give us this file."""
+
+
+class _Broken(Exception):
+    """A transfer that ended early; `done` is the file length reached."""
+
+    def __init__(self, message: str, done: int) -> None:
+        super().__init__(message)
+        self.done = done
 
 
 # --------------------------------------------------------------------------- advertising
@@ -351,11 +367,3 @@ class MeshFileFetcher:
             buf.clear()
             await trio.to_thread.run_sync(fh.write, data)
         return n
-
-
-class _Broken(Exception):
-    """A transfer that ended early; `done` is the file length reached."""
-
-    def __init__(self, message: str, done: int) -> None:
-        super().__init__(message)
-        self.done = done

@@ -22,8 +22,11 @@ GGUF = "smollm2-135m-instruct"
 def file_server():
     """A local HTTP server holding the real SmolLM2 GGUF (the 'origin' of a model)."""
     src = models_dir() / GGUF
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(src))
-    handler.log_message = lambda *a: None
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(src))
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}"
