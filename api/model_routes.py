@@ -5,7 +5,8 @@
     POST   /mesh/models/install         {"id", "load"?: bool} -> 202 + job
     GET    /mesh/jobs/<id>              a job's state, bytes done/total, speed
     GET    /mesh/jobs/<id>/events       the same as SSE, one event per change, until it ends
-    POST   /mesh/models/load            {"id"} -> the loaded model (waits for the load)
+    POST   /mesh/models/load            {"id", "split"?: bool} -> the loaded model (waits for
+                                        the load); split: spread it over peers lending memory
     POST   /mesh/models/unload          {"id"}
     DELETE /mesh/models/<id>            remove the installed files (unload first)
 """
@@ -103,13 +104,17 @@ async def job_events(job_id: str):
 async def load_model():
     svc = _services()
     body = await _body()
-    if body.split:
-        raise BadRequest("splitting a model across nodes is not available on this node",
-                         param="split", code="split_unavailable")
+    if body.split and svc.splits is None:
+        raise BadRequest("splitting a model across nodes needs a mesh: start the node "
+                         "with --token", param="split", code="split_unavailable")
     installed = svc.store.get(body.id)
     if installed is None:
         raise NotFound(f"model {body.id!r} is not installed here; install it first "
                        f"(mesh install {body.id})", param="id", code="model_not_installed")
+    if body.split:
+        worker = await svc.splits.load(installed)
+        svc.notify_changed()
+        return json_response(worker.describe())
     worker = await svc.load_model(installed)
     return json_response(worker.describe())
 

@@ -14,11 +14,19 @@ Three servers of the same GGUF file, same threads, greedy, same max_tokens, one 
                 openai client; skipped with a message when it cannot be built.
 For 1, 4 and 8 clients, each client sends --rounds requests one after another (closed
 loop), every request with its own prompt (so no server gets a prompt-cache gift).
-Aggregate tokens/s = completion tokens of all requests / wall time of the level; TTFT =
-request start to first content token (queueing included). Levels run a, b, c in turn so
-that machine noise hits all three alike. Targets: at 8 clients (a) >= (c) and >= 1.6 x (b).
+Aggregate tokens/s = completion tokens of all requests / wall time of the trial; TTFT =
+request start to first content token (queueing included).
+
+The machine these numbers come from is shared (2 cores, other people's tests): a trial
+can lose half its CPU at any moment. So each (server, clients) trial runs --repeat times,
+the three servers in turn (rotating which goes first), and the table shows each one's
+best trial, the usual answer to one-sided noise (as `timeit` does); every trial's figure
+is printed as it happens. All three run with the worker's GOMP_SPINCOUNT (see
+node/worker_main.py), which llama-server and the in-process Llama inherit.
+Targets: at 8 clients (a) >= (c) and (a) >= 1.6 x (b).
 
     .venv/bin/python -m bench.concurrency [--rounds 2] [--tokens 64] [--clients 1,4,8]
+                                          [--repeat 2]
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import httpx
 import openai
 
 from gallery.store import Store
+from node.worker_main import GOMP_SPINCOUNT
 from tests.procs import REPO, MeshNode, models_dir
 
 MODEL = "smollm2-135m-instruct"
@@ -214,7 +223,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="requests per client per level")
     ap.add_argument("--tokens", type=int, default=64, help="max_tokens per request")
     ap.add_argument("--clients", default="1,4,8")
+    ap.add_argument("--repeat", type=int, default=2, help="trials per server and level")
     args = ap.parse_args()
+    if "OMP_WAIT_POLICY" not in os.environ:   # before llama_cpp loads libgomp here
+        os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
     levels = [int(x) for x in args.clients.split(",")]
     threads = os.cpu_count() or 1
     installed = Store(models_dir()).get(MODEL)
@@ -248,13 +260,18 @@ def main() -> None:
                 one_request(s, [{"role": "user", "content": "Hi"}], 8)
             load0 = os.getloadavg()[0]
             res: dict[tuple[str, int], dict] = {}
-            for i, c in enumerate(levels):
-                for name, s in servers.items():
-                    res[name, c] = level(s, c, args.rounds, args.tokens, salt=1000 * i)
-                    r = res[name, c]
-                    print(f"  {name:<13} {c} clients: {r['tok_s']:7.1f} tok/s, TTFT p50 "
-                          f"{r['p50']:7.0f} ms p95 {r['p95']:7.0f} ms ({r['tokens']} tokens "
-                          f"in {r['wall']:.1f} s)", flush=True)
+            names = list(servers)
+            salt = 0
+            for c in levels:
+                for rep in range(args.repeat):
+                    for name in names[rep % len(names):] + names[:rep % len(names)]:
+                        salt += 1000
+                        r = level(servers[name], c, args.rounds, args.tokens, salt=salt)
+                        print(f"  {name:<13} {c} clients: {r['tok_s']:7.1f} tok/s, TTFT p50 "
+                              f"{r['p50']:7.0f} ms p95 {r['p95']:7.0f} ms ({r['tokens']} "
+                              f"tokens in {r['wall']:.1f} s)", flush=True)
+                        if (name, c) not in res or r["tok_s"] > res[name, c]["tok_s"]:
+                            res[name, c] = r
             load1 = os.getloadavg()[0]
         finally:
             for f in reversed(cleanup):
@@ -264,8 +281,8 @@ def main() -> None:
                     pass
 
     print(f"\nmodel {MODEL} Q4_1, {threads} threads, parallel {PARALLEL} (a, c), "
-          f"{args.rounds} requests per client, max_tokens {args.tokens}, greedy; "
-          f"load average {load0:.1f} -> {load1:.1f}")
+          f"{args.rounds} requests per client, max_tokens {args.tokens}, greedy, best of "
+          f"{args.repeat} trials; load average {load0:.1f} -> {load1:.1f}")
     print(f"{'server':<14}{'clients':>8}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT p95 ms':>13}")
     for (name, c), r in sorted(res.items(), key=lambda kv: (list(servers).index(kv[0][0]), kv[0][1])):
         print(f"{name:<14}{c:>8}{r['tok_s']:>9.1f}{r['p50']:>13.0f}{r['p95']:>13.0f}")

@@ -20,6 +20,7 @@
 | max_concurrent_per_key |             | MESH_MAX_CONCURRENT_PER_KEY | 16 (0 = no cap)         |
 | gallery          | --gallery (repeat)| MESH_GALLERY (comma)| none beyond the built-in index   |
 | offer_memory     | --offer-memory    | MESH_OFFER_MEMORY   | 0 (lend nothing to RPC splits)   |
+| rpc_threads      |                   | MESH_RPC_THREADS    | 0 (all cores): threads of the RPC server lent, and of split models loaded here |
 
 `<home>/config.yaml`, when present, may set any of these keys.
 """
@@ -59,6 +60,24 @@ class NodeConfig(BaseModel):
     max_concurrent_per_key: int = Field(16, ge=0)
     gallery: list[str] = Field(default_factory=list)
     offer_memory: int = Field(0, ge=0)
+    rpc_threads: int = Field(0, ge=0)
+
+    @field_validator("offer_memory", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        """`6GiB`, `512MB`, `1e9` from the environment or config.yaml (flags are parsed by
+        the CLI)."""
+        if isinstance(v, str):
+            text = v.strip().lower().replace(" ", "")
+            num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+            unit = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2,
+                    "mb": 1000**2, "mib": 1024**2, "g": 1000**3, "gb": 1000**3,
+                    "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}.get(text[len(num):])
+            try:
+                return int(float(num) * unit) if unit else v
+            except ValueError:
+                return v
+        return v
 
     @field_validator("models", "peers", "gallery", mode="before")
     @classmethod
@@ -87,7 +106,7 @@ _ENV = {
     "max_body_mb": "MESH_MAX_BODY_MB", "max_queue": "MESH_MAX_QUEUE",
     "max_tokens_limit": "MESH_MAX_TOKENS", "request_timeout": "MESH_REQUEST_TIMEOUT",
     "max_concurrent_per_key": "MESH_MAX_CONCURRENT_PER_KEY",
-    "gallery": "MESH_GALLERY", "offer_memory": "MESH_OFFER_MEMORY",
+    "gallery": "MESH_GALLERY", "offer_memory": "MESH_OFFER_MEMORY", "rpc_threads": "MESH_RPC_THREADS",
 }
 
 

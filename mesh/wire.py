@@ -61,6 +61,7 @@ class RpcState(_Wire):
 
     offered: int = Field(0, ge=0)
     free: int = Field(0, ge=0)
+    used_by: str = ""                            # peer id of the node whose model it holds
 
 
 class ModelState(_Wire):
@@ -73,6 +74,7 @@ class ModelState(_Wire):
     queued: int = Field(0, ge=0)
     tokens_per_s: float = Field(0.0, ge=0)
     aliases: list[str] = Field(default_factory=list)
+    split: dict[str, Any] | None = None          # {nodes, layers, tensor_split, failure} (node/splits.py)
 
 
 class NodeState(_Wire):

@@ -42,11 +42,14 @@ from mesh.p2p import open_p2p
 from mesh.peers import MeshPeers
 from mesh.proxy import PROTOCOL as PROXY_PROTOCOL, Proxy, make_handler as make_proxy_handler
 from mesh.token import parse_token
-from mesh.wire import ModelState, NodeState
+from mesh.tunnel import PROTOCOL as RPC_PROTOCOL, make_handler as make_rpc_handler
+from mesh.wire import ModelState, NodeState, RpcState
 from mesh.router import Router
 from node import resources
 from node.jobs import Jobs
 from node.metrics import NodeMetrics
+from node.rpc_server import RpcServer
+from node.splits import Splits
 from node.workers import ModelSpec, WorkerPool
 
 log = logging.getLogger("node.daemon")
@@ -83,6 +86,8 @@ class Services:
     api_url: str = ""
     proxy: Any = None
     p2p: Any = None
+    rpc: Any = None          # node/rpc_server.py: the RPC server this node lends (offer_memory)
+    splits: Any = None       # node/splits.py: models split over peers
     wanted: list[str] = field(default_factory=list)     # model ids this node serves
     startup_error: str | None = None
     started: float = field(default_factory=time.time)
@@ -119,10 +124,11 @@ class Services:
                 slots=slots, busy=int(w.stats.get("busy", min(w.in_flight, slots))),
                 queued=int(w.stats.get("queued", max(0, w.in_flight - slots))),
                 tokens_per_s=float(w.stats.get("tokens_per_s") or 0.0),
-                aliases=list(w.spec.aliases)))
+                aliases=list(w.spec.aliases), split=_split_summary(w)))
         return NodeState(name=self.node_name, version=VERSION, api_url=self.api_url,
                          ram_total=res.ram_total, ram_free=res.ram_free,
                          vram_total=res.vram_total, vram_free=res.vram_free, models=models,
+                         rpc=self.rpc.state() if self.rpc else RpcState(),
                          load=res.load, open=self.is_open(), keys=self.keyring.wire(),
                          extra=advertisement(self.store))
 
@@ -158,6 +164,7 @@ class Services:
                        "gpus": [vars(g) for g in res.gpus]},
             "load": res.load,
             "open": self.is_open(),
+            "rpc": self.rpc.describe() if self.rpc else {"offered": 0, "free": 0},
         }
 
     def status(self) -> dict[str, Any]:
@@ -172,6 +179,14 @@ class Services:
         return {"self": me_short,
                 "mesh": self.p2p.mesh_id if self.p2p else None, "nodes": nodes,
                 "warnings": warnings}
+
+
+def _split_summary(w) -> dict[str, Any] | None:
+    """What peers see of a split model: the nodes holding parts and their layers."""
+    split = w.spec.config.get("split")
+    if not split:
+        return None
+    return {k: split.get(k) for k in ("nodes", "layers", "tensor_split", "failure")}
 
 
 def _bind(host: str, port: int) -> str:
@@ -237,6 +252,7 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
                                             after_install=svc.load_model).serve)
         app = create_app(svc)
 
+        shutdown = trio.Event()
         if token is not None:
             p2p = await stack.enter_async_context(open_p2p(
                 home=config.home, token=token, name=config.name, listen_host=config.host,
@@ -247,6 +263,13 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
             router.peers = MeshPeers(p2p.view)
             svc.proxy = Proxy(p2p, router, request_timeout=config.request_timeout)
             p2p.set_handler(PROXY_PROTOCOL, make_proxy_handler(app, max_body=config.max_body_bytes))
+            if config.offer_memory > 0:
+                svc.rpc = RpcServer(home=config.home, offered=config.offer_memory,
+                                    threads=config.rpc_threads, on_change=svc.notify_changed)
+                await nursery.start(svc.rpc.serve)
+            p2p.set_handler(RPC_PROTOCOL, make_rpc_handler(svc.rpc))
+            svc.splits = await nursery.start(Splits(pool=pool, p2p=p2p, threads=config.rpc_threads,
+                                                    stopping=shutdown.is_set).serve)
             p2p.set_handler(FILES_PROTOCOL, make_files_handler(store))
             nursery.start_soon(_merge_gossiped_keys, svc)
             for addr in p2p.addrs:
@@ -258,7 +281,6 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
         hc.graceful_timeout = SHUTDOWN_GRACE
         hc.accesslog = None
         hc.errorlog = logging.getLogger("hypercorn.error")
-        shutdown = trio.Event()
         binds = await nursery.start(lambda task_status: hypercorn_serve(
             app, hc, shutdown_trigger=shutdown.wait, task_status=task_status))
         url = (binds[0] if binds else f"http://{_bind(config.host, config.port)}").rstrip("/")

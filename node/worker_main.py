@@ -31,6 +31,16 @@ from node.frames import SyncFramer
 
 log = logging.getLogger("node.worker")
 
+# libgomp's spin-wait before a thread sleeps at a barrier (ggml's CPU backend joins its
+# threads with `omp barrier` hundreds of times per forward pass). The default, 300,000
+# spins, is right on an idle machine, but when the cores are shared (the node's own API
+# process, clients, other services) a waiting thread spins through the time slice its
+# descheduled partner needs: measured here (2 cores, load ~3.5), 8 batched streams fell
+# to 14-27 tok/s in 3 of 5 runs with the default and stayed at 72-107 tok/s with 10,000;
+# the best single-stream step was 7.7 ms either way. Set before llama.cpp (and libgomp)
+# is loaded; an explicit GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins.
+GOMP_SPINCOUNT = "10000"
+
 
 def _load_backend(name: str, model_path: str, config: dict[str, Any]):
     if name == "llama":
@@ -139,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(args.socket)
     framer = SyncFramer(sock)
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
     try:
         backend = _load_backend(args.backend, args.model, json.loads(args.config))
     except Exception as exc:

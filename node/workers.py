@@ -104,7 +104,8 @@ class Worker:
                 "error": self.error, "pid": self.pid, "restarts": self.restarts,
                 "in_flight": self.in_flight, "ctx": self.info.get("ctx"),
                 "slots": self.info.get("slots", 1), "aliases": self.spec.aliases,
-                **{k: v for k, v in self.stats.items() if k in ("tokens_per_s", "busy", "queued")}}
+                **{k: v for k, v in self.stats.items() if k in ("tokens_per_s", "busy", "queued")},
+                **({"split": self.spec.config["split"]} if self.spec.config.get("split") else {})}
 
     # -------------------------------------------------------------- requests
     async def _wait_ready(self) -> None:
@@ -231,6 +232,14 @@ class Worker:
         self.state = "stopped"
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
+
+    def fail(self, reason: str) -> None:
+        """Stop for good with `reason`, which its in-flight requests get as their error
+        (a split model whose peer went away: node/splits.py)."""
+        self._fail_pending(reason)
+        self.stop()
+        self.state, self.error = "failed", reason
+        self.on_change()
 
     async def _run_once(self, on_ready: Callable[[], None]) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

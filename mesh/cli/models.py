@@ -111,7 +111,14 @@ def load(model_id, split, url, key, as_json) -> None:
     """Load an installed model on the node."""
     m = request("POST", url, "/mesh/models/load", key=key, timeout=900,
                 json={"id": model_id, "split": split})
-    print_json(m) if as_json else click.echo(f"loaded {m['id']} (pid {m.get('pid')})")
+    if as_json:
+        print_json(m)
+    elif m.get("split"):
+        sp = m["split"]
+        parts = ", ".join(f"{n} {k} layers" for n, k in zip(sp["nodes"], sp["layers"]))
+        click.echo(f"loaded {m['id']} split over {parts} (pid {m.get('pid')})")
+    else:
+        click.echo(f"loaded {m['id']} (pid {m.get('pid')})")
 
 
 @click.command()

@@ -18,10 +18,17 @@ def _gib(n) -> str:
     return f"{(n or 0) / 2**30:.1f} GiB"
 
 
+def _rpc(rpc: dict | None) -> str:
+    if not rpc or not rpc.get("offered"):
+        return "-"
+    return f"{_gib(rpc.get('free'))} of {_gib(rpc.get('offered'))}"
+
+
 def render(status: dict) -> Group:
     """The status as rich tables: nodes, then models -> nodes."""
     nodes = Table(title="nodes")
-    for col in ("name", "id", "state", "api", "models", "RAM free", "VRAM free", "load", "seen"):
+    for col in ("name", "id", "state", "api", "models", "RAM free", "VRAM free", "RPC lent free",
+                "load", "seen"):
         nodes.add_column(col)
     by_model: dict[str, list[str]] = {}
     now = time.time()
@@ -30,12 +37,15 @@ def render(status: dict) -> Group:
         models = []
         for m in n.get("models", []):
             state = m.get("state", "?")
-            models.append(m.get("id", "?") + ("" if state == "loaded" else f" ({state})"))
-            by_model.setdefault(m.get("id", "?"), []).append(f"{n.get('name')} [{state}]")
+            split = m.get("split") or {}
+            where = (f" split: {'+'.join(map(str, split.get('nodes') or []))}"
+                     if split.get("nodes") else "")
+            models.append(m.get("id", "?") + ("" if state == "loaded" else f" ({state})") + where)
+            by_model.setdefault(m.get("id", "?"), []).append(f"{n.get('name')} [{state}{where}]")
         seen = max(0.0, now - float(n.get("last_seen") or now))
         nodes.add_row(escape(str(n.get("name"))), str(n.get("id") or "-")[-12:], str(n.get("state")),
                       str(n.get("api") or "-"), ", ".join(models) or "-",
-                      _gib(mem.get("ram_free")), _gib(mem.get("vram_free")),
+                      _gib(mem.get("ram_free")), _gib(mem.get("vram_free")), _rpc(n.get("rpc")),
                       f"{float(n.get('load') or 0):.2f}", f"{seen:.0f}s ago")
     models = Table(title="models")
     models.add_column("model")

@@ -6,17 +6,22 @@ The KV cache. One llama context holds `parallel` sequences (seq_id 0..N-1, one p
 in a *split* cache, llama-server's default: n_ctx = context_size * parallel and
 `kv_unified = False`, so each sequence owns a stream of exactly `context_size` cells. A
 request can never run out of room because its neighbours are long (its limit is checked
-at admission), and attention reads only the sequence's own stream instead of every
-slot's cells under a mask. The price is that one sequence cannot borrow idle slots'
-cells; cross-slot prefix sharing (`seq_cp`) is not used either (see "left out").
+at admission), a finished slot's cells cost nobody anything (they stay as its prompt
+cache), and attention reads only the sequence's own stream. A unified cache makes every
+token's attention walk all slots' cells under a mask: measured here (8 slots holding 700
+tokens each, one token per slot) a step took 97 ms unified vs 75 ms split. The split
+cache has one catch: llama.cpp puts only runs of *consecutive* seq_ids into one ubatch
+(`split_equal(sequential=true)`), so busy slots {0, 2, 4, 6} cost four forward passes
+(42 ms vs 30 ms for {0, 1, 2, 3}). Hence rows go into the batch in seq_id order, and a
+new request prefers a slot that keeps the busy slots contiguous (below).
 
 A step. The scheduler thread loops:
   1. reap: a request whose cancel event is set leaves (finish_reason "cancelled"), queued
      or running; its slot is free for this very step;
   2. admit: queued requests, first come first served, take free slots (see prompt cache);
-  3. build ONE `llama_batch`: the last sampled token of every generating sequence (one
-     token each, logits on), then prompt tokens of admitted requests, oldest first, up
-     to a prefill budget (PREFILL_CHUNK while anything is generating, the whole n_batch
+  3. build ONE `llama_batch`, rows in seq_id order: the last sampled token of every
+     generating sequence (one token each, logits on) and prompt tokens of admitted
+     requests, handed out oldest request first up to a prefill budget (PREFILL_CHUNK while anything is generating, the whole n_batch
      when nothing is), so a long prompt is eaten over several steps while the running
      streams keep producing a token per step. Logits are asked for a prompt only on the
      step that feeds its last token;
@@ -32,8 +37,9 @@ Sampling. Each request gets its own llama.cpp sampler chain: penalties (last
 PENALTY_LAST_N tokens, prompt included, like llama-server) -> greedy when temperature
 is 0, else top_k -> top_p -> min_p -> temp -> dist(seed). The same order as
 llama-cpp-python's `Llama._init_sampler`, so a seed means the same thing as before.
-Rows of one batch do not influence each other's logits, so greedy text is the same
-batched or alone (tests/test_batching.py checks it through the API).
+Rows of one batch do not influence each other's logits (on this CPU build the results
+are bit-identical), so greedy text is the same batched or alone (tests/test_batching.py
+checks it through the API).
 
 Text. Token pieces are bytes; an incremental UTF-8 decoder holds a partial multibyte
 character until the next token completes it. Stop strings: text that could still be the
@@ -42,8 +48,9 @@ stop string never leaks, not even partly; at the end the held text is released.
 
 Prompt cache. A slot remembers the tokens whose KV its sequence holds (prompt plus the
 generated tokens that were fed back). A new request goes to the FREE slot whose cache
-shares the longest prefix with its prompt (ties, including "no match": the least
-recently used slot, so that recent conversations keep their cache). Cells past the
+shares the longest prefix with its prompt; ties (often just a shared system prompt) go to
+the slot that leaves the fewest runs of consecutive busy slots, then to the least
+recently used one, so that recent conversations keep their cache longer. Cells past the
 common prefix are removed (`llama_memory_seq_rm(seq, n_keep, -1)`) and only the suffix
 is evaluated; at least the last prompt token is always re-evaluated, since its logits
 are needed. `usage.prompt_tokens_details.cached_tokens` = n_keep. A request that ends
@@ -79,10 +86,13 @@ log = logging.getLogger("node.backends.batching")
 
 Emit = Callable[[dict[str, Any]], None]
 
-PREFILL_CHUNK = 256        # prompt tokens per step while others generate (~0.2 s of prefill
-                           # for a 135M model on 2 cores: a stream stalls at most that long)
+PREFILL_CHUNK = 128        # prompt tokens per step while others generate: ~0.5 s for the
+                           # 135M Q4_1 model on the 2-core test machine (~4 ms/token, no
+                           # GEMM speed-up on this CPU), so a running stream stalls at most
+                           # that long per step while a long prompt is eaten
 PENALTY_LAST_N = 64        # llama-cpp-python's last_n_tokens_size default
-TPS_WINDOW_S = 10.0        # tokens_per_s: generated tokens / busy step time, last 10 s
+TPS_WINDOW_S = 10.0        # tokens_per_s: tokens / time of the decode-only steps (no
+                           # prompt tokens in the batch) of the last 10 s
 RANDOM_SEED = 0xFFFFFFFF   # LLAMA_DEFAULT_SEED: llama.cpp draws a random seed
 
 
@@ -307,14 +317,13 @@ class BatchScheduler:
             self._decode_failed(rc)
             return
         self._advance()
-        n_out = 0
+        pure_decode = all(len(toks) == 1 and not slot.job.prefilling
+                          for slot, toks in self._fed)
         for slot, row in rows:
-            job = slot.job
-            tok = llama_cpp.llama_sampler_sample(job.chain, self.ctx, row)
-            if not job.prefilling:
-                n_out += 1
+            tok = llama_cpp.llama_sampler_sample(slot.job.chain, self.ctx, row)
             self._on_token(slot, tok)
-        self._account(dt, n_out)
+        if pure_decode:
+            self._account(dt, len(rows))
 
     # ---------------------------------------------------- step, in parts
     def _reap(self) -> None:
@@ -338,11 +347,10 @@ class BatchScheduler:
                 if not self._queue:
                     return
                 job = self._queue.popleft()
-            best, n_common = None, -1
-            for s in sorted(free, key=lambda s: s.last_used):
-                n = common_prefix(s.cache, job.prompt)
-                if n > n_common:
-                    best, n_common = s, n
+            active = {s.id for s in self.slots if s.job is not None}
+            best = min(free, key=lambda s: (-common_prefix(s.cache, job.prompt),
+                                            _runs(active | {s.id}), s.last_used))
+            n_common = common_prefix(best.cache, job.prompt)
             self._start(best, job, n_common)
 
     def _start(self, slot: Slot, job: Job, n_common: int) -> None:
@@ -360,43 +368,50 @@ class BatchScheduler:
                 llama_cpp.llama_sampler_accept(job.chain, t)
 
     def _fill(self) -> list[tuple[Slot, int]]:
-        """Put this step's tokens into self.batch; return the rows to sample from."""
-        b = self.batch
-        n = 0
-        rows: list[tuple[Slot, int]] = []
-        self._fed: list[tuple[Slot, list[int]]] = []
+        """Put this step's tokens into self.batch; return the rows to sample from.
 
-        def add(slot: Slot, toks: list[int], want_last: bool) -> None:
-            nonlocal n
-            pos0 = len(slot.cache)
-            for k, t in enumerate(toks):
-                b.token[n] = t
-                b.pos[n] = pos0 + k
-                b.n_seq_id[n] = 1
-                b.seq_id[n][0] = slot.id
-                b.logits[n] = 0
-                n += 1
-            if want_last:
-                b.logits[n - 1] = 1
-                rows.append((slot, n - 1))
-            self._fed.append((slot, toks))
-
-        generating = [s for s in self.slots if s.job is not None and not s.job.prefilling]
-        for s in generating:
-            add(s, [s.job.next_token], True)
-        budget = self.n_batch - n
-        if generating:
+        Rows go in seq_id order: with a split cache llama.cpp puts only runs of
+        consecutive seq_ids into one ubatch (llama_batch_allocr::split_equal), so any
+        other order costs extra forward passes."""
+        busy = [s for s in self.slots if s.job is not None]
+        n_gen = sum(1 for s in busy if not s.job.prefilling)
+        budget = self.n_batch - n_gen
+        if n_gen:
             budget = min(budget, PREFILL_CHUNK)
-        waiting = sorted((s for s in self.slots if s.job is not None and s.job.prefilling),
-                         key=lambda s: s.job.seq)
-        for s in waiting:
+        plan: dict[int, list[int]] = {}
+        for s in sorted((s for s in busy if s.job.prefilling), key=lambda s: s.job.seq):
             if budget <= 0:
                 break
             job = s.job
             take = job.prompt[job.n_fed:job.n_fed + budget]
             job.n_fed += len(take)
             budget -= len(take)
-            add(s, take, job.n_fed == len(job.prompt))
+            plan[s.id] = take
+        b = self.batch
+        n = 0
+        rows: list[tuple[Slot, int]] = []
+        self._fed: list[tuple[Slot, list[int]]] = []
+        for s in busy:
+            job = s.job
+            if job.prefilling:
+                toks = plan.get(s.id)
+                if not toks:
+                    continue
+                want = job.n_fed == len(job.prompt)
+            else:
+                toks, want = [job.next_token], True
+            pos0 = len(s.cache)
+            for k, t in enumerate(toks):
+                b.token[n] = t
+                b.pos[n] = pos0 + k
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = s.id
+                b.logits[n] = 0
+                n += 1
+            if want:
+                b.logits[n - 1] = 1
+                rows.append((s, n - 1))
+            self._fed.append((s, toks))
         b.n_tokens = n
         return rows
 
@@ -483,8 +498,6 @@ class BatchScheduler:
         return piece
 
     def _account(self, dt: float, n_out: int) -> None:
-        if n_out == 0:
-            return
         now = time.monotonic()
         self._tps.append((now, dt, n_out))
         while self._tps and now - self._tps[0][0] > TPS_WINDOW_S:
@@ -492,6 +505,11 @@ class BatchScheduler:
         busy = sum(d for _, d, _ in self._tps)
         if busy > 0:
             self.tokens_per_s = sum(k for _, _, k in self._tps) / busy
+
+
+def _runs(ids: set[int]) -> int:
+    """Runs of consecutive ids: the ubatches one decode of these sequences costs."""
+    return sum(1 for i in ids if i - 1 not in ids)
 
 
 def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from node.backends import RequestError
 from node.backends.batching import BatchScheduler, Job, Sampling
+from node.rpc import split_params
 
 log = logging.getLogger("node.backends.llama")
 
@@ -59,6 +60,7 @@ class LlamaBackend:
         mparams = llama_cpp.llama_model_default_params()
         gpu_layers = config.get("gpu_layers")
         mparams.n_gpu_layers = -1 if gpu_layers is None else int(gpu_layers)
+        self._split = split_params(mparams, config)   # over RPC peers (node/rpc.py), or None
         self.model = LlamaModel(path_model=model_path, params=mparams, verbose=False)
         self.scheduler = BatchScheduler(self.model.model, self.model.vocab,
                                         n_slots=self.parallel, n_ctx_slot=self.n_ctx,

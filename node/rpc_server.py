@@ -1,0 +1,220 @@
+"""Parent side of the llama.cpp RPC server this node lends (`offer_memory > 0`).
+
+`RpcServer.serve` runs `python -m node.rpc` (node/rpc.py is the child) bound to
+127.0.0.1 on a free port, with its tensor cache under `<home>/rpc-cache`, and restarts it
+when it dies (back-off 0.2, 1, 3, 10 s while it keeps dying quickly). The port is never
+bound beyond loopback: peers reach the server only through `/mesh/rpc/1`
+(mesh/tunnel.py), whose handler asks `endpoint()` where it is.
+
+Readiness: the server prints nothing when it starts listening, and a probe connection
+would count as a client, so the parent waits until the child's socket shows up as
+LISTEN (psutil), up to READY_TIMEOUT.
+
+Memory: llama.cpp's server reports its host's RAM, not what it lends, so the figure
+gossiped as `rpc.free` is `offered - used`, where `used` is the growth of the server
+process's resident memory while a client is connected: the buffers it allocated and
+filled (weights, KV cache, compute). When the client leaves, the server frees them
+(MALLOC_MMAP_THRESHOLD_ makes them mmap'ed, so they really leave), `used` is 0 and the
+baseline is taken again. It is read once per STATS_EVERY and a change of more
+than CHANGE_BYTES is published at once. The child's stdout says when a client connects
+and leaves ("Accepted client connection" / "Client connection closed").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import psutil
+import trio
+
+from mesh.tunnel import Lender
+from mesh.wire import RpcState
+
+log = logging.getLogger("node.rpc_server")
+
+READY_TIMEOUT = 20.0     # s from spawn to a listening socket (imports + ggml init: ~1 s)
+STOP_GRACE = 2.0
+RESTART_BACKOFF = (0.2, 1.0, 3.0, 10.0)
+STATS_EVERY = 1.0        # the gossip tick
+CHANGE_BYTES = 1 << 20   # publish a change of rpc.free larger than this at once
+MMAP_THRESHOLD = 1 << 20 # malloc: allocations this large get their own mapping
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class RpcServer:
+    """The RPC server process this node lends; valid across restarts."""
+
+    def __init__(self, *, home: Path, offered: int, threads: int = 0,
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        self.home = home
+        self.offered = offered
+        self.threads = threads
+        self.on_change = on_change
+        self.cache_dir = home / "rpc-cache"
+        self.port: int | None = None       # set while the server listens
+        self.pid: int | None = None
+        self.restarts = 0
+        self.clients = 0                   # connections the server is serving (0 or 1)
+        self.lender = Lender()             # which peer holds the server (mesh/tunnel.py)
+        self._baseline = 0
+        self._used = 0
+        self._ready = trio.Event()
+
+    # ------------------------------------------------------------------ state
+    def endpoint(self) -> tuple[str, int] | None:
+        return ("127.0.0.1", self.port) if self.port else None
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def state(self) -> RpcState:
+        free = max(0, self.offered - self._used) if self.port else 0
+        return RpcState(offered=self.offered, free=free, used_by=self.lender.holder_now())
+
+    def describe(self) -> dict:
+        return {"offered": self.offered, "free": self.state().free, "used": self._used,
+                "listening": bool(self.port), "clients": self.clients, "holder": self.lender.holder_now(),
+                "pid": self.pid, "restarts": self.restarts}
+
+    # ------------------------------------------------------------- supervisor
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run the server, restarting it when it dies, until cancelled. Started once it
+        listens the first time (or failed to)."""
+        started = False
+        while True:
+            t0 = time.monotonic()
+            try:
+                await self._run_once(task_status if not started else None)
+            except OSError as exc:
+                log.error("RPC server failed to start: %s", exc)
+            if not started:
+                started = True
+                if not self._ready.is_set():
+                    task_status.started(self)
+            self.port, self.clients, self._used = None, 0, 0
+            self._ready = trio.Event()
+            self.on_change()
+            quick = time.monotonic() - t0 < 60
+            delay = RESTART_BACKOFF[min(self.restarts, len(RESTART_BACKOFF) - 1)] if quick else RESTART_BACKOFF[0]
+            self.restarts += 1
+            log.warning("RPC server exited; restarting in %.1f s", delay)
+            await trio.sleep(delay)
+
+    async def _run_once(self, task_status) -> None:
+        port = free_port()
+        cmd = [sys.executable, "-m", "node.rpc", "--host", "127.0.0.1", "--port", str(port),
+               "--cache-dir", str(self.cache_dir)]
+        if self.threads:
+            cmd += ["--threads", str(self.threads)]
+        self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Buffers >= MMAP_THRESHOLD are mmap'ed, so a client's buffers go back to the OS
+        # when it leaves and the resident size follows what clients hold (glibc's default
+        # threshold grows after the first free and keeps freed buffers in the heap).
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+        proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.DEVNULL, env=env,
+                                                stdout=subprocess.PIPE, start_new_session=True)
+        self.pid = proc.pid
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_stdout, proc)
+                if not await self._wait_listening(proc, port):
+                    log.error("RPC server (pid %s) did not listen on 127.0.0.1:%s", proc.pid, port)
+                    nursery.cancel_scope.cancel()
+                    return
+                self._baseline = _rss(proc.pid)
+                self.port = port
+                self._ready.set()
+                log.info("RPC server lending %.2f GiB on 127.0.0.1:%s (pid %s)",
+                         self.offered / 2**30, port, proc.pid)
+                self.on_change()
+                if task_status is not None:
+                    task_status.started(self)
+                nursery.start_soon(self._poll_memory, proc)
+                await proc.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await _terminate(proc)
+
+    async def _wait_listening(self, proc: trio.Process, port: int) -> bool:
+        with trio.move_on_after(READY_TIMEOUT):
+            while proc.returncode is None:
+                if _listens(proc.pid, port):
+                    return True
+                await trio.sleep(0.05)
+        return False
+
+    async def _read_stdout(self, proc: trio.Process) -> None:
+        buf = b""
+        async for chunk in proc.stdout:
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                text = line.decode(errors="replace").strip()
+                if text == "Accepted client connection":
+                    self.clients += 1
+                elif text == "Client connection closed":
+                    self.clients = max(0, self.clients - 1)
+                    if self.clients == 0 and self.pid:
+                        # the client's buffers are freed: what stays resident is not lent
+                        self._baseline, self._used = _rss(self.pid), 0
+                    self.on_change()
+                log.debug("rpc server: %s", text)
+
+    async def _poll_memory(self, proc: trio.Process) -> None:
+        while True:
+            used = max(0, _rss(proc.pid) - self._baseline) if self.clients else 0
+            if abs(used - self._used) > CHANGE_BYTES:
+                self._used = used
+                self.on_change()
+            else:
+                self._used = used
+            await trio.sleep(STATS_EVERY)
+
+
+def _rss(pid: int) -> int:
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except (psutil.Error, OSError):
+        return 0
+
+
+def _listens(pid: int, port: int) -> bool:
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except (psutil.Error, OSError, AttributeError):
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
+
+
+async def _terminate(proc: trio.Process) -> None:
+    if proc.returncode is not None:
+        return
+    try:
+        proc.terminate()
+    except ProcessLookupError:
+        return
+    with trio.move_on_after(STOP_GRACE):
+        await proc.wait()
+        return
+    try:
+        proc.kill()
+    except ProcessLookupError:
+        pass
+    await proc.wait()
