@@ -37,6 +37,9 @@ Sampling. Each request gets its own llama.cpp sampler chain: penalties (last
 PENALTY_LAST_N tokens, prompt included, like llama-server) -> greedy when temperature
 is 0, else top_k -> top_p -> min_p -> temp -> dist(seed). The same order as
 llama-cpp-python's `Llama._init_sampler`, so a seed means the same thing as before.
+Plain greedy (temperature 0, no penalties) takes numpy's argmax of the row's logits
+instead: the same token (first maximum, as llama.cpp's greedy sampler), 24 us instead of
+117 us per row here, ~2% of a step at 8 rows.
 Rows of one batch do not influence each other's logits (on this CPU build the results
 are bit-identical), so greedy text is the same batched or alone (tests/test_batching.py
 checks it through the API).
@@ -81,6 +84,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import llama_cpp
+import numpy as np
 
 log = logging.getLogger("node.backends.batching")
 
@@ -140,6 +144,11 @@ class Sampling:
         seed = RANDOM_SEED if self.seed is None else self.seed & 0xFFFFFFFF
         add(llama_cpp.llama_sampler_init_dist(seed))
         return chain
+
+    @property
+    def greedy(self) -> bool:
+        """Plain argmax: the scheduler skips the chain (same token, 1/5 of the time)."""
+        return self.temperature <= 0 and not self.penalised
 
     @property
     def penalised(self) -> bool:
@@ -320,7 +329,11 @@ class BatchScheduler:
         pure_decode = all(len(toks) == 1 and not slot.job.prefilling
                           for slot, toks in self._fed)
         for slot, row in rows:
-            tok = llama_cpp.llama_sampler_sample(slot.job.chain, self.ctx, row)
+            if slot.job.sampling.greedy:   # llama.cpp's greedy sampler: first max logit
+                logits = llama_cpp.llama_get_logits_ith(self.ctx, row)
+                tok = int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
+            else:
+                tok = llama_cpp.llama_sampler_sample(slot.job.chain, self.ctx, row)
             self._on_token(slot, tok)
         if pure_decode:
             self._account(dt, len(rows))
@@ -362,7 +375,7 @@ class BatchScheduler:
         slot.job, slot.last_used = job, next(self._use)
         job.n_cached = job.n_fed = n_keep
         job.text = TextStream(job.stops)
-        job.chain = job.sampling.chain(self.n_vocab)
+        job.chain = None if job.sampling.greedy else job.sampling.chain(self.n_vocab)
         if job.sampling.penalised:
             for t in job.prompt[-PENALTY_LAST_N:]:
                 llama_cpp.llama_sampler_accept(job.chain, t)
