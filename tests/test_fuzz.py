@@ -38,7 +38,7 @@ def test_schemathesis_finds_no_server_error(tmp_path):
              "--phases", "examples,coverage,fuzzing", "--no-color",
              "--suppress-health-check", "all", "--generation-database", "none",
              "--report", "ndjson", "--report-dir", str(tmp_path / "report")],
-            capture_output=True, text=True, timeout=800)
+            capture_output=True, text=True, timeout=800, cwd=tmp_path)
         out = r.stdout + r.stderr
         m = re.search(r"(\d+) generated, (\d+) passed", out)
         print(out[-3000:])
