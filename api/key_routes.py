@@ -13,7 +13,7 @@ from mesh.errors import BadRequest
 bp = Blueprint("keys", __name__)
 
 
-class _Create(BaseModel):
+class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     features: list[str]
@@ -34,7 +34,7 @@ async def create_key():
         data = json.loads(await request.get_data() or b"null")
     except ValueError as exc:
         raise BadRequest(f"could not parse the JSON body: {exc}", code="invalid_json") from exc
-    body = _Create.model_validate(data if isinstance(data, dict) else {})
+    body = KeyCreate.model_validate(data if isinstance(data, dict) else {})
     svc = _services()
     rec, secret = svc.keyring.create(body.name, body.features)
     svc.notify_changed()

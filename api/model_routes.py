@@ -25,7 +25,8 @@ from mesh.errors import BadRequest, Conflict, NotFound
 bp = Blueprint("models", __name__)
 
 
-class _Body(BaseModel):
+class ModelAction(BaseModel):
+    """Body of install/load/unload."""
     model_config = ConfigDict(extra="forbid")
     id: str
     load: bool = False
@@ -36,14 +37,14 @@ def _services():
     return current_app.config["MESH"]
 
 
-async def _body() -> _Body:
+async def _body() -> ModelAction:
     try:
         data = json.loads(await request.get_data() or b"null")
     except ValueError as exc:
         raise BadRequest(f"could not parse the JSON body: {exc}", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise BadRequest("the JSON body must be an object like {\"id\": \"smollm2\"}")
-    return _Body.model_validate(data)
+    return ModelAction.model_validate(data)
 
 
 @bp.get("/mesh/gallery")

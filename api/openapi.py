@@ -15,6 +15,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from api.auth import OPEN_PATHS, feature_for
+from api.key_routes import KeyCreate
+from api.model_routes import ModelAction
 from api.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, TranscriptionForm
 
 ERROR_SCHEMA = {
@@ -24,17 +26,6 @@ ERROR_SCHEMA = {
                                             "type": {"type": "string"},
                                             "param": {"type": ["string", "null"]},
                                             "code": {"type": ["string", "null"]}}}}}
-
-
-class _ModelId(BaseModel):
-    id: str
-    load: bool = False
-    split: bool = False
-
-
-class _KeyCreate(BaseModel):
-    name: str
-    features: list[str]
 
 
 DOCS: dict[str, tuple[str, type[BaseModel] | None]] = {
@@ -50,14 +41,14 @@ DOCS: dict[str, tuple[str, type[BaseModel] | None]] = {
     "mesh.metrics": ("Prometheus metrics", None),
     "models.gallery": ("Installable models", None),
     "models.models": ("Installed, loaded and mesh-wide models", None),
-    "models.install_model": ("Start an install job", _ModelId),
+    "models.install_model": ("Start an install job", ModelAction),
     "models.job": ("An install job's progress", None),
     "models.job_events": ("An install job's progress as server-sent events", None),
-    "models.load_model": ("Load an installed model", _ModelId),
-    "models.unload_model": ("Unload a model", _ModelId),
+    "models.load_model": ("Load an installed model", ModelAction),
+    "models.unload_model": ("Unload a model", ModelAction),
     "models.remove_model": ("Delete an installed model", None),
     "keys.list_keys": ("List API keys (never their secrets)", None),
-    "keys.create_key": ("Create an API key; the response shows it once", _KeyCreate),
+    "keys.create_key": ("Create an API key; the response shows it once", KeyCreate),
     "keys.revoke_key": ("Revoke an API key mesh-wide", None),
     "mesh.openapi": ("This document", None),
 }
@@ -87,6 +78,11 @@ def build(app) -> dict[str, Any]:
                                           "content": {"application/json": {
                                               "schema": {"$ref": "#/components/schemas/Error"}}}}},
             }
+            if rule.endpoint == "mesh.readyz":     # llama-server style: 503 while loading
+                op["responses"]["503"] = {"description": "not ready yet", "content": {
+                    "application/json": {"schema": {"type": "object", "required": ["status"],
+                                                    "properties": {"status": {"type": "string"},
+                                                                   "models": {"type": "object"}}}}}}
             feature = None if path in OPEN_PATHS else feature_for(path)
             if feature:
                 op["security"] = [{"bearer": []}, {}]

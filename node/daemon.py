@@ -99,6 +99,8 @@ class Services:
 
     async def unload_model(self, model_id: str) -> None:
         await self.pool.unload(model_id)
+        if model_id in self.wanted:          # unloaded on purpose: readiness no longer waits for it
+            self.wanted.remove(model_id)
         self.notify_changed()
 
     def notify_changed(self) -> None:
