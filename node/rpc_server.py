@@ -36,11 +36,11 @@ import trio
 
 from mesh.tunnel import Lender
 from mesh.wire import RpcState
+from node.workers import terminate_process
 
 log = logging.getLogger("node.rpc_server")
 
 READY_TIMEOUT = 20.0     # s from spawn to a listening socket (imports + ggml init: ~1 s)
-STOP_GRACE = 2.0
 RESTART_BACKOFF = (0.2, 1.0, 3.0, 10.0)
 STATS_EVERY = 1.0        # the gossip tick
 CHANGE_BYTES = 1 << 20   # publish a change of rpc.free larger than this at once
@@ -150,7 +150,7 @@ class RpcServer:
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                await _terminate(proc)
+                await terminate_process(proc)
 
     async def _wait_listening(self, proc: trio.Process, port: int) -> bool:
         with trio.move_on_after(READY_TIMEOUT):
@@ -201,20 +201,3 @@ def _listens(pid: int, port: int) -> bool:
     except (psutil.Error, OSError, AttributeError):
         return False
     return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
-
-
-async def _terminate(proc: trio.Process) -> None:
-    if proc.returncode is not None:
-        return
-    try:
-        proc.terminate()
-    except ProcessLookupError:
-        return
-    with trio.move_on_after(STOP_GRACE):
-        await proc.wait()
-        return
-    try:
-        proc.kill()
-    except ProcessLookupError:
-        pass
-    await proc.wait()

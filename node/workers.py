@@ -318,7 +318,7 @@ class Worker:
         finally:
             path.unlink(missing_ok=True)
             with trio.CancelScope(shield=True):
-                await _terminate(proc)
+                await terminate_process(proc)
 
 
 class _LoadFailed(Exception):
@@ -334,7 +334,7 @@ def check_frame(frame: dict[str, Any], model_id: str) -> None:
         raise WorkerDied(frame.get("message") or f"the worker for {model_id!r} died")
 
 
-async def _terminate(proc: trio.Process) -> None:
+async def terminate_process(proc: trio.Process) -> None:
     if proc.returncode is not None:
         return
     try:
