@@ -9,18 +9,19 @@ Policy (docs/architecture.md, "Security"):
   more than FAILS_PER_WINDOW in FAIL_WINDOW seconds -> 429 until the window passes.
 - Concurrent requests per key are capped (`max_concurrent_per_key`), streams included
   (the middleware sees the whole response, which a Quart hook would not).
-- A request proxied by a mesh peer arrives with `scope.extensions["mesh.peer"]` and
-  `["mesh.caller"]`, which only our proxy handler sets, and only for admitted peers:
-  the origin authenticated the caller; we enforce the caller's features again.
-It runs at the ASGI layer so proxied requests (served by calling the app in-process)
-pass through the same door.
+- The caller's identity and features go into `scope.extensions["mesh.caller"]`; the
+  routes hand them to the router, and a request proxied to a peer carries them in its
+  typed frame (mesh/proxy.py), where the peer checks the features again: secrets never
+  cross the mesh. It runs at the ASGI layer so it sees whole responses, streams included.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict, deque
+
+from api.errors import asgi_error
+from mesh.errors import AuthError, MeshError, PermissionDenied, RateLimited
 
 FAIL_WINDOW = 60.0
 FAILS_PER_WINDOW = 10
@@ -38,10 +39,8 @@ def feature_for(path: str) -> str | None:
     return None
 
 
-def _error(status: int, message: str, code: str, etype: str):
-    body = json.dumps({"error": {"message": message, "type": etype, "param": None,
-                                 "code": code}}).encode()
-    return status, body
+def _error(cls: type[MeshError], message: str, code: str):
+    return asgi_error(cls(message, code=code))
 
 
 class AuthMiddleware:
@@ -79,23 +78,15 @@ class AuthMiddleware:
     def _check(self, scope):
         path = scope.get("path", "/")
         ext = scope.setdefault("extensions", {})
-        if ext.get("mesh.peer"):
-            caller = ext.get("mesh.caller")
-            if not self.keyring.enforcing:
-                return None
-            if not caller:
-                return _error(401, "the forwarding node sent no caller identity",
-                              "invalid_api_key", "authentication_error")
-            return self._feature(caller.get("features") or [], path)
         if path in OPEN_PATHS:
             return None
         client = (scope.get("client") or ("", 0))[0]
         if not self.keyring.enforcing:
             ext["mesh.caller"] = None
             if path.startswith("/mesh/keys") and client not in _LOOPBACK:
-                return _error(403, "while the mesh has no API key, keys can only be managed "
+                return _error(PermissionDenied, "while the mesh has no API key, keys can only be managed "
                                    "from the node's own machine (loopback)",
-                              "loopback_only", "permission_error")
+                              "loopback_only")
             return None
         fails = self.fails.get(client) or deque()
         now = time.monotonic()
@@ -104,8 +95,8 @@ class AuthMiddleware:
         if not fails:
             self.fails.pop(client, None)
         if len(fails) >= FAILS_PER_WINDOW:
-            return _error(429, "too many failed authentication attempts; try again later",
-                          "rate_limit_exceeded", "rate_limit_error")
+            return _error(RateLimited, "too many failed authentication attempts; try again later",
+                          "rate_limit_exceeded")
         presented = None
         for k, v in scope.get("headers") or []:
             if k == b"authorization":
@@ -118,13 +109,13 @@ class AuthMiddleware:
             self.fails[client] = fails
             msg = ("You didn't provide an API key. Send it as 'Authorization: Bearer KEY'."
                    if not presented else "Incorrect or revoked API key provided.")
-            return _error(401, msg, "invalid_api_key", "authentication_error")
+            return _error(AuthError, msg, "invalid_api_key")
         denied = self._feature(rec.features, path)
         if denied is not None:
             return denied
         if self.max_concurrent and self.active[rec.key_id] >= self.max_concurrent:
-            return _error(429, f"key {rec.name!r} already has {self.max_concurrent} requests "
-                               "in progress", "concurrency_limit", "rate_limit_error")
+            return _error(RateLimited, f"key {rec.name!r} already has {self.max_concurrent} requests "
+                               "in progress", "concurrency_limit")
         ext["mesh.caller"] = {"name": rec.name, "key_id": rec.key_id,
                               "features": list(rec.features)}
         return None
@@ -134,5 +125,5 @@ class AuthMiddleware:
         need = feature_for(path)
         if need is None or "admin" in features or need in features:
             return None
-        return _error(403, f"this API key does not have the '{need}' feature",
-                      "feature_not_granted", "permission_error")
+        return _error(PermissionDenied, f"this API key does not have the '{need}' feature",
+                      "feature_not_granted")

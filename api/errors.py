@@ -1,4 +1,25 @@
-"""The one place where errors become HTTP responses, always in OpenAI's shape."""
+"""THE table from mesh/errors.py's tree to HTTP, and the one place errors become responses.
+
+Every route, the auth middleware and the streaming adapters render errors through
+``status_of`` / ``openai_error`` here; the most specific class in the table wins (walk the
+MRO), so a new subclass inherits its parent's row until it needs its own.
+
+    class              status  OpenAI type
+    BadRequest          400    invalid_request_error
+    PayloadTooLarge     413    invalid_request_error
+    AuthError           401    authentication_error
+    PermissionDenied    403    permission_error
+    NotFound            404    invalid_request_error
+    Conflict            409    invalid_request_error
+    RateLimited         429    rate_limit_error
+    GalleryError        502    server_error
+    DiskFull            507    server_error
+    BackendError        500    server_error
+    Unavailable         503    server_error
+    PeerError           502    server_error
+    Timeout             504    server_error
+    MeshError           500    server_error
+"""
 
 from __future__ import annotations
 
@@ -10,16 +31,53 @@ from pydantic import ValidationError
 from quart import Response
 from werkzeug.exceptions import HTTPException
 
-from mesh.errors import BadRequest, MeshError
+from mesh import errors as E
 
 log = logging.getLogger("api.errors")
 
-_HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
-               413: "invalid_request_error", 429: "rate_limit_error"}
+TABLE: dict[type[E.MeshError], tuple[int, str]] = {
+    E.BadRequest: (400, "invalid_request_error"),
+    E.PayloadTooLarge: (413, "invalid_request_error"),
+    E.AuthError: (401, "authentication_error"),
+    E.PermissionDenied: (403, "permission_error"),
+    E.NotFound: (404, "invalid_request_error"),
+    E.Conflict: (409, "invalid_request_error"),
+    E.RateLimited: (429, "rate_limit_error"),
+    E.GalleryError: (502, "server_error"),
+    E.DiskFull: (507, "server_error"),
+    E.BackendError: (500, "server_error"),
+    E.Unavailable: (503, "server_error"),
+    E.PeerError: (502, "server_error"),
+    E.Timeout: (504, "server_error"),
+    E.MeshError: (500, "server_error"),
+}
 
 
-def error_response(exc: MeshError) -> Response:
-    return json_response(exc.to_openai(), status=exc.status)
+def _row(exc: E.MeshError) -> tuple[int, str]:
+    for cls in type(exc).__mro__:
+        if cls in TABLE:
+            return TABLE[cls]
+    return TABLE[E.MeshError]
+
+
+def status_of(exc: E.MeshError) -> int:
+    return _row(exc)[0]
+
+
+def openai_error(exc: E.MeshError) -> dict[str, Any]:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    err = {"message": exc.message, "type": _row(exc)[1], "param": exc.param, "code": exc.code}
+    err.update(exc.extra)
+    return {"error": err}
+
+
+def error_response(exc: E.MeshError) -> Response:
+    return json_response(openai_error(exc), status=status_of(exc))
+
+
+def asgi_error(exc: E.MeshError) -> tuple[int, bytes]:
+    """(status, JSON body) for ASGI middleware that answers before the app."""
+    return status_of(exc), json.dumps(openai_error(exc)).encode()
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -27,7 +85,7 @@ def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = 
                     headers=headers or {})
 
 
-def from_validation(exc: ValidationError) -> BadRequest:
+def from_validation(exc: ValidationError) -> E.BadRequest:
     """pydantic's first complaint as one OpenAI-style 400."""
     e = exc.errors()[0]
     loc = ".".join(str(x) for x in e["loc"] if x != "body")
@@ -38,11 +96,16 @@ def from_validation(exc: ValidationError) -> BadRequest:
         msg = f"unrecognized request argument supplied: {loc}"
     else:
         msg = f"invalid value for '{loc}': {msg}"
-    return BadRequest(msg, param=loc or None, code="invalid_value" if e["type"] != "missing"
-                      else "missing_required_parameter")
+    return E.BadRequest(msg, param=loc or None, code="invalid_value" if e["type"] != "missing"
+                        else "missing_required_parameter")
+
+
+_HTTP = {400: E.BadRequest, 401: E.AuthError, 403: E.PermissionDenied, 404: E.NotFound,
+         405: E.BadRequest, 409: E.Conflict, 413: E.PayloadTooLarge, 429: E.RateLimited}
 
 
 def from_http(exc: HTTPException) -> Response:
+    """Quart/werkzeug's own errors (unknown route, 405, 413) in the same shape."""
     status = exc.code or 500
     code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(status)
     msg = exc.description or exc.name
@@ -50,18 +113,16 @@ def from_http(exc: HTTPException) -> Response:
         msg = "Unknown request URL. Please check the URL and method."
     elif status == 413:
         msg = "Request body is larger than this node accepts"
-    body = {"error": {"message": msg, "type": _HTTP_TYPES.get(status, "invalid_request_error"
-                                                               if status < 500 else "server_error"),
-                      "param": None, "code": code}}
-    return json_response(body, status=status)
+    err = _HTTP.get(status, E.MeshError)(msg, code=code)
+    return json_response(openai_error(err), status=status)
 
 
 def install(app) -> None:
     """Register handlers: no request ever ends in a traceback or an HTML page."""
 
-    @app.errorhandler(MeshError)
-    async def _mesh(exc: MeshError):
-        if exc.status >= 500:
+    @app.errorhandler(E.MeshError)
+    async def _mesh(exc: E.MeshError):
+        if status_of(exc) >= 500:
             log.warning("%s: %s", type(exc).__name__, exc.message)
         return error_response(exc)
 
@@ -76,6 +137,4 @@ def install(app) -> None:
     @app.errorhandler(Exception)
     async def _unexpected(exc: Exception):
         log.exception("unhandled error")
-        return json_response({"error": {"message": f"internal error: {type(exc).__name__}",
-                                         "type": "server_error", "param": None,
-                                         "code": "internal_error"}}, status=500)
+        return error_response(E.MeshError(f"internal error: {type(exc).__name__}"))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 
 from pydantic import BaseModel, ConfigDict
-from quart import Blueprint, current_app, request
+from quart import Blueprint, current_app
 
+from api.body import json_body
 from api.errors import json_response
-from mesh.errors import BadRequest
 
 bp = Blueprint("keys", __name__)
 
@@ -30,11 +29,7 @@ async def list_keys():
 
 @bp.post("/mesh/keys")
 async def create_key():
-    try:
-        data = json.loads(await request.get_data() or b"null")
-    except ValueError as exc:
-        raise BadRequest(f"could not parse the JSON body: {exc}", code="invalid_json") from exc
-    body = KeyCreate.model_validate(data if isinstance(data, dict) else {})
+    body = await json_body(KeyCreate, example=' like {"name": "ci", "features": ["chat"]}')
     svc = _services()
     rec, secret = svc.keyring.create(body.name, body.features)
     svc.notify_changed()

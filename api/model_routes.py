@@ -13,11 +13,11 @@
 
 from __future__ import annotations
 
-import json
 
 from pydantic import BaseModel, ConfigDict
-from quart import Blueprint, Response, current_app, request
+from quart import Blueprint, current_app
 
+from api.body import json_body, sse, sse_response
 from api.errors import json_response
 from gallery import resolve
 from mesh.errors import BadRequest, Conflict, NotFound
@@ -38,13 +38,7 @@ def _services():
 
 
 async def _body() -> ModelAction:
-    try:
-        data = json.loads(await request.get_data() or b"null")
-    except ValueError as exc:
-        raise BadRequest(f"could not parse the JSON body: {exc}", code="invalid_json") from exc
-    if not isinstance(data, dict):
-        raise BadRequest("the JSON body must be an object like {\"id\": \"smollm2\"}")
-    return ModelAction.model_validate(data)
+    return await json_body(ModelAction, example=' like {"id": "smollm2"}')
 
 
 @bp.get("/mesh/gallery")
@@ -91,14 +85,12 @@ async def job_events(job_id: str):
     async def events():
         while True:
             changed = job.changed
-            yield b"data: " + json.dumps(job.to_dict()).encode() + b"\n\n"
+            yield sse(job.to_dict())
             if job.ended:
                 return
             await changed.wait()
 
-    resp = Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
-    resp.timeout = None
-    return resp
+    return sse_response(events())
 
 
 @bp.post("/mesh/models/load")

@@ -1,95 +1,72 @@
-"""OpenAI-compatible routes: /v1/models, chat, completions, embeddings, transcriptions.
+"""The OpenAI dialect: /v1/models, chat, completions, embeddings, transcriptions.
 
-Each handler validates its body, asks the router where the model is served, and either
-talks to the local worker (formatting OpenAI objects here) or relays a peer's response
-through the proxy byte for byte. Errors that happen before the first byte are ordinary
-OpenAI-shaped responses; after the first byte of a stream, an `error` event then
-`[DONE]` ends it (the status line is already sent).
+A thin adapter at the HTTP edge. Each handler validates its body (api/schemas.py),
+translates it into a typed request (mesh/wire/inference.py), asks the router for a
+``Call`` (mesh/router.py: this node's workers or a peer, the adapter does not know which)
+and turns the events back into OpenAI objects and SSE chunks. This is the only place
+OpenAI's JSON is written, on the node the client talks to.
+
+Errors before the first event are ordinary OpenAI-shaped responses (api/errors.py); after
+the first byte of a stream, an ``error`` event then ``[DONE]`` ends it (the status line is
+already sent). Fields of OpenAI's request schemas this node cannot honour are refused with
+a 400 naming them (``UNSUPPORTED``), never accepted and ignored.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import numpy as np
-import trio
 from quart import Blueprint, Response, current_app, request
 
-from api.errors import json_response
-from api.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, TranscriptionForm
 from api import transcripts
-from mesh.errors import BadRequest, MeshError, ModelNotFound, Timeout, UnsupportedMedia
-from node.workers import Worker, check_frame
+from api.body import DONE, json_body, sse, sse_response
+from api.errors import json_response, openai_error
+from api.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, TranscriptionForm
+from mesh.errors import BadRequest, MeshError, ModelNotFound, UnsupportedMedia
+from mesh.router import Call
+from mesh.wire.inference import (Delta, Done, Embed, Failed, Generate, Message, Result,
+                                 Sampling, Transcribe, Usage, error_from_failed)
 
 bp = Blueprint("openai", __name__)
+
+# Fields of OpenAI's request schemas that are accepted by OpenAI and not (yet) honoured
+# here; a request that sets one to anything but its neutral value is refused naming it.
+UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+                    "response_format", "logprobs", "top_logprobs", "logit_bias", "audio",
+                    "modalities", "prediction", "web_search_options", "reasoning_effort")
+UNSUPPORTED_COMPLETION = ("logprobs", "logit_bias", "best_of", "suffix")
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+    "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "parallel_tool_calls": (None, True),
+    "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]),
+}
 
 
 def _services():
     return current_app.config["MESH"]
 
 
-async def _json_body(model_cls):
-    raw = await request.get_data()
-    if not raw:
-        raise BadRequest("the request body is empty; expected a JSON object")
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"could not parse the JSON body: {exc}", code="invalid_json") from exc
-    if not isinstance(data, dict):
-        raise BadRequest("the JSON body must be an object")
-    return model_cls.model_validate(data)
+def _refuse_unsupported(req, fields: tuple[str, ...]) -> None:
+    extra = req.model_extra or {}
+    for name in fields:
+        if name in extra and extra[name] not in _NEUTRAL.get(name, (None,)):
+            raise BadRequest(f"'{name}' is not supported by this server yet; remove it from "
+                             "the request", param=name, code="unsupported_parameter")
 
 
-def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+def _caller() -> dict[str, Any] | None:
+    return (request.scope.get("extensions") or {}).get("mesh.caller")
 
 
-def _headers(extra: dict[str, str] | None = None) -> dict[str, str]:
+def _headers(call: Call | None = None) -> dict[str, str]:
     svc = _services()
-    return {"x-mesh-node": svc.node_name, **(extra or {})}
-
-
-def _stream_response(body: AsyncIterator[bytes]) -> Response:
-    resp = Response(body, mimetype="text/event-stream",
-                    headers=_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}))
-    resp.timeout = None
-    return resp
-
-
-def _require_backend(worker: Worker, backend: str, what: str) -> None:
-    if worker.spec.backend != backend:
-        raise BadRequest(f"model '{worker.id}' ({worker.spec.backend}) does not support {what}",
-                         param="model", code="model_not_supported")
-
-
-async def _route_local(model: str, backend: str, what: str) -> Worker:
-    """The local worker for `model`, or a relayed peer response (raised as _Relay)."""
-    svc = _services()
-    route = svc.router.route(model, proxied=svc.is_proxied(request))
-    if route.local is not None:
-        _require_backend(route.local, backend, what)
-        return route.local
-    raise _Relay(await svc.proxy.forward(route, request))
-
-
-class _Relay(Exception):
-    def __init__(self, response: Response) -> None:
-        self.response = response
-
-
-def _relay_aware(handler):
-    async def wrapper(*a, **kw):
-        try:
-            return await handler(*a, **kw)
-        except _Relay as relay:
-            return relay.response
-    wrapper.__name__ = handler.__name__
-    return wrapper
+    node = call.served_by if call is not None and call.target.peer is not None else svc.node_name
+    return {"x-mesh-node": node}
 
 
 def _limit_tokens(n: int | None) -> int | None:
@@ -98,6 +75,16 @@ def _limit_tokens(n: int | None) -> int | None:
         raise BadRequest(f"max_tokens is {n}, above this mesh's limit of {cap}",
                          param="max_tokens", code="invalid_value")
     return cap if (cap and n is None) else n
+
+
+def _usage(u: Usage) -> dict[str, Any]:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+
+
+async def _open(req) -> Call:
+    return await _services().router.open(req, caller=_caller())
 
 
 # ------------------------------------------------------------------ models
@@ -116,151 +103,128 @@ async def get_model(model_id: str):
 
 
 # ------------------------------------------------------- chat / completions
-async def _generation(worker: Worker, payload: dict[str, Any]):
-    """Open a generation; return (first frame, frames iterator, closer). Errors the worker
-    reports before any token raise here, so they become normal 4xx/5xx responses."""
-    cm = worker.request("generate", request=payload)
-    frames = await cm.__aenter__()
-    try:
-        with trio.fail_after(_services().config.request_timeout):
-            first = await frames.__anext__()
-        check_frame(first, worker.id)
-    except trio.TooSlowError:
-        await cm.__aexit__(None, None, None)
-        raise Timeout(f"no token from {worker.id!r} within the request deadline")
-    except BaseException as exc:
-        await cm.__aexit__(type(exc), exc, exc.__traceback__)
-        raise
-    return first, frames, cm
+Chunk = Callable[..., dict[str, Any]]
 
 
-async def _generate_stream(worker, payload, make_chunk, first_chunk, include_usage):
-    first, frames, cm = await _generation(worker, payload)
-
-    async def body():
-        exc_info = (None, None, None)
+def _stream(call: Call, chunk: Chunk, first: dict[str, Any] | None,
+            include_usage: bool) -> Response:
+    async def body() -> AsyncIterator[bytes]:
         try:
-            if first_chunk is not None:
-                yield _sse(first_chunk)
-            frame = first
-            while True:
-                kind = frame.get("type")
-                if kind == "delta":
-                    yield _sse(make_chunk(frame["text"], None))
-                elif kind == "done":
-                    yield _sse(make_chunk(None, frame.get("finish_reason") or "stop"))
+            if first is not None:
+                yield sse(first)
+            async for ev in call.events():
+                if isinstance(ev, Delta):
+                    yield sse(chunk(ev.text, None))
+                elif isinstance(ev, Done):
+                    yield sse(chunk(None, ev.finish_reason))
                     if include_usage:
-                        yield _sse(make_chunk(None, None, usage=frame.get("usage")))
-                    break
-                else:
-                    check_frame(frame, worker.id)
-                try:
-                    frame = await frames.__anext__()
-                except StopAsyncIteration:
-                    raise MeshError(f"the stream from {worker.id!r} ended early")
-        except MeshError as exc:
-            yield _sse(exc.to_openai())
-        except BaseException as exc:
-            exc_info = (type(exc), exc, exc.__traceback__)
-            raise
+                        yield sse(chunk(None, None, usage=_usage(ev.usage)))
+                elif isinstance(ev, Failed):
+                    yield sse(openai_error(error_from_failed(ev)))
+            yield DONE
         finally:
-            with trio.CancelScope(shield=True):
-                await cm.__aexit__(*exc_info)
-        yield b"data: [DONE]\n\n"
+            await call.aclose()
 
-    return _stream_response(body())
+    return sse_response(body(), headers=_headers(call))
 
 
-async def _generate_full(worker, payload):
-    first, frames, cm = await _generation(worker, payload)
+async def _collect(call: Call) -> tuple[str, str, Usage]:
     text: list[str] = []
     try:
-        frame = first
-        while True:
-            check_frame(frame, worker.id)
-            if frame["type"] == "delta":
-                text.append(frame["text"])
-            elif frame["type"] == "done":
-                return "".join(text), frame.get("finish_reason") or "stop", frame.get("usage")
-            frame = await frames.__anext__()
+        async for ev in call.events():
+            if isinstance(ev, Delta):
+                text.append(ev.text)
+            elif isinstance(ev, Done):
+                return "".join(text), ev.finish_reason, ev.usage
+            elif isinstance(ev, Failed):
+                raise error_from_failed(ev)
     finally:
-        with trio.CancelScope(shield=True):
-            await cm.__aexit__(None, None, None)
+        await call.aclose()
+    raise MeshError("the generation ended without a result")
+
+
+def _sampling(req) -> Sampling:
+    return Sampling(**req.sampling())
 
 
 @bp.post("/v1/chat/completions")
-@_relay_aware
 async def chat_completions():
-    req = await _json_body(ChatRequest)
-    worker = await _route_local(req.model, "llama", "chat completions")
+    req = await json_body(ChatRequest)
+    _refuse_unsupported(req, UNSUPPORTED_CHAT)
     try:
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = tuple(Message(role=m.role, content=m.text(), name=m.name)
+                         for m in req.messages)
     except ValueError as exc:
         raise BadRequest(str(exc), param="messages") from exc
-    payload = {"kind": "chat", "messages": messages, "max_tokens": _limit_tokens(req.limit()),
-               "stop": req.stop, **req.sampling()}
+    gen = Generate(model=req.model, messages=messages, max_tokens=_limit_tokens(req.limit()),
+                   stop=tuple(req.stop or ()), sampling=_sampling(req))
+    call = await _open(gen)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model
+    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
     if req.stream:
         def chunk(text, finish, usage=None):
-            base = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                    "model": model, "system_fingerprint": None}
             if usage is not None:
                 return {**base, "choices": [], "usage": usage}
             delta = {"content": text} if text is not None else {}
             return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                          "finish_reason": finish}]}
-        first = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                 "model": model, "system_fingerprint": None,
-                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                              "logprobs": None, "finish_reason": None}]}
+        first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                      "logprobs": None, "finish_reason": None}]}
         include = bool(req.stream_options and req.stream_options.include_usage)
-        return await _generate_stream(worker, payload, chunk, first, include)
-    text, finish, usage = await _generate_full(worker, payload)
+        return _stream(call, chunk, first, include)
+    text, finish, usage = await _collect(call)
     return json_response({
         "id": cid, "object": "chat.completion", "created": created, "model": model,
-        "system_fingerprint": None,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text,
                                              "refusal": None},
                      "logprobs": None, "finish_reason": finish}],
-        "usage": usage}, headers=_headers())
+        "usage": _usage(usage)}, headers=_headers(call))
 
 
 @bp.post("/v1/completions")
-@_relay_aware
 async def completions():
-    req = await _json_body(CompletionRequest)
-    worker = await _route_local(req.model, "llama", "completions")
-    payload = {"kind": "completion", "prompt": req.prompt,
-               "max_tokens": _limit_tokens(req.limit()), "stop": req.stop, **req.sampling()}
+    req = await json_body(CompletionRequest)
+    _refuse_unsupported(req, UNSUPPORTED_COMPLETION)
+    gen = Generate(model=req.model, prompt=req.prompt, max_tokens=_limit_tokens(req.limit()),
+                   stop=tuple(req.stop or ()), sampling=_sampling(req))
+    call = await _open(gen)
     cid, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model
     echo = req.prompt if req.echo else ""
+    base = {"id": cid, "object": "text_completion", "created": created, "model": model}
     if req.stream:
         def chunk(text, finish, usage=None):
-            base = {"id": cid, "object": "text_completion", "created": created, "model": model,
-                    "system_fingerprint": None}
             if usage is not None:
                 return {**base, "choices": [], "usage": usage}
             return {**base, "choices": [{"text": text or "", "index": 0, "logprobs": None,
                                          "finish_reason": finish}]}
         include = bool(req.stream_options and req.stream_options.include_usage)
-        first = chunk(echo, None) if echo else None
-        return await _generate_stream(worker, payload, chunk, first, include)
-    text, finish, usage = await _generate_full(worker, payload)
+        return _stream(call, chunk, chunk(echo, None) if echo else None, include)
+    text, finish, usage = await _collect(call)
     return json_response({
-        "id": cid, "object": "text_completion", "created": created, "model": model,
-        "system_fingerprint": None,
-        "choices": [{"text": echo + text, "index": 0, "logprobs": None, "finish_reason": finish}],
-        "usage": usage}, headers=_headers())
+        **base, "choices": [{"text": echo + text, "index": 0, "logprobs": None,
+                             "finish_reason": finish}],
+        "usage": _usage(usage)}, headers=_headers(call))
 
 
-# -------------------------------------------------------------- embeddings
+# ---------------------------------------------------- one-result requests
+async def _result(req) -> tuple[dict[str, Any], Call]:
+    call = await _open(req)
+    try:
+        async for ev in call.events():
+            if isinstance(ev, Result):
+                return ev.data, call
+            if isinstance(ev, Failed):
+                raise error_from_failed(ev)
+    finally:
+        await call.aclose()
+    raise MeshError("the request ended without a result")
+
+
 @bp.post("/v1/embeddings")
-@_relay_aware
 async def embeddings():
-    req = await _json_body(EmbeddingRequest)
-    worker = await _route_local(req.model, "llama", "embeddings")
-    inputs = [req.input] if isinstance(req.input, str) else list(req.input)
-    result = await worker.call("embed", input=inputs)
+    req = await json_body(EmbeddingRequest)
+    inputs = (req.input,) if isinstance(req.input, str) else tuple(req.input)
+    result, call = await _result(Embed(model=req.model, inputs=inputs))
     vectors = result["data"]
     if req.dimensions is not None:
         if not 1 <= req.dimensions <= len(vectors[0]):
@@ -277,13 +241,11 @@ async def embeddings():
         data.append({"object": "embedding", "index": i, "embedding": emb})
     n = int(result.get("prompt_tokens") or 0)
     return json_response({"object": "list", "data": data, "model": req.model,
-                          "usage": {"prompt_tokens": n, "total_tokens": n}}, headers=_headers())
+                          "usage": {"prompt_tokens": n, "total_tokens": n}},
+                         headers=_headers(call))
 
 
-# ----------------------------------------------------------- transcription
 async def _multipart():
-    """Parse the multipart body from the raw bytes, which stay readable by the proxy
-    (Quart's own `request.form` consumes the body)."""
     raw = await request.get_data()
 
     async def once():
@@ -294,14 +256,12 @@ async def _multipart():
 
 
 @bp.post("/v1/audio/transcriptions")
-@_relay_aware
 async def transcriptions():
     if not (request.mimetype or "").startswith("multipart/form-data"):
         raise BadRequest("expected a multipart/form-data body with a 'file' field",
                          param="file")
     form, files = await _multipart()
     params = TranscriptionForm.model_validate(dict(form.items()))
-    worker = await _route_local(params.model, "whisper", "audio transcription")
     upload = files.get("file")
     if upload is None:
         raise BadRequest("you must provide 'file'", param="file",
@@ -309,7 +269,8 @@ async def transcriptions():
     audio = upload.read()
     if not audio:
         raise UnsupportedMedia("the uploaded file is empty", param="file")
-    result = await worker.call("transcribe", audio=audio, params={
-        "language": params.language, "prompt": params.prompt, "temperature": params.temperature})
+    result, call = await _result(Transcribe(
+        model=params.model, audio=audio, language=params.language, prompt=params.prompt,
+        temperature=params.temperature))
     body, mimetype = transcripts.render(result, params.response_format)
-    return Response(body, mimetype=mimetype, headers=_headers())
+    return Response(body, mimetype=mimetype, headers=_headers(call))

@@ -30,7 +30,7 @@ from gallery.store import Store
 from mesh.files import MeshFileFetcher, candidates
 from mesh.p2p import open_p2p
 from mesh.token import parse_token
-from mesh.wire import NodeState
+from mesh.wire.state import NodeState
 from tests.procs import MeshNode, models_dir, run_cli
 
 MODEL = "smollm2-135m-instruct"

@@ -1,7 +1,7 @@
 """Split over llama.cpp RPC: unsplit vs through the mesh tunnel vs direct TCP, same run.
 
 Two real lending nodes (`mesh up --offer-memory 1GiB --no-models`, b and c) on 127.0.0.1
-with one token. This process is the loading node: it joins the mesh (mesh/p2p.py), and
+with one token. This process is the loading node: it joins the mesh (mesh/p2p/node.py), and
 runs model workers with node/workers.py exactly as a node does, in four set-ups:
 
   unsplit   SmolLM2 in one worker, nothing remote
@@ -39,8 +39,10 @@ import trio
 from mesh.p2p import open_p2p
 from mesh.token import parse_token
 from mesh.tunnel import TunnelStats, serve_tunnel
-from mesh.wire import NodeState
-from node.workers import ModelSpec, WorkerPool, check_frame
+from mesh.wire.state import NodeState
+from mesh.wire.inference import (Delta, Done, Failed, Generate, Message, Sampling,
+                                 error_from_failed)
+from node.workers import ModelSpec, WorkerPool
 from tests.procs import MeshNode, models_dir, run_cli
 
 MODEL = "smollm2-135m-instruct"
@@ -61,17 +63,18 @@ async def generate(worker, tokens: int) -> tuple[int, float]:
     """(completion tokens, decode tokens/s) of one greedy generation."""
     first = last = None
     n = 0
-    req = {"kind": "chat", "messages": [{"role": "user", "content": PROMPT}],
-           "max_tokens": tokens, "temperature": 0, "seed": 1}
-    async with worker.request("generate", request=req) as frames:
-        async for f in frames:
-            check_frame(f, worker.id)
-            if f.get("type") == "delta":
+    req = Generate(model=worker.id, messages=(Message(role="user", content=PROMPT),),
+                   max_tokens=tokens, sampling=Sampling(temperature=0.0, seed=1))
+    async with worker.open(req) as events:
+        async for ev in events:
+            if isinstance(ev, Failed):
+                raise error_from_failed(ev)
+            if isinstance(ev, Delta):
                 now = time.perf_counter()
                 first = first or now
                 last = now
-            elif f.get("type") == "done":
-                n = int((f.get("usage") or {}).get("completion_tokens") or 0)
+            elif isinstance(ev, Done):
+                n = ev.usage.completion_tokens
     rate = (n - 1) / (last - first) if first and last and last > first and n > 1 else float("nan")
     return n, rate
 

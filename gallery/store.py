@@ -264,3 +264,32 @@ class Store:
         with self.try_lock(m.id):
             (m.dir / MANIFEST).unlink(missing_ok=True)    # not installed from here on
             shutil.rmtree(m.dir, ignore_errors=True)
+
+
+# ------------------------------------------------ what peers may fetch from us
+MAX_ADVERTISED = 512         # hashes gossiped (66 bytes each: ~34 KB of a 256 KB state)
+_adverts: dict[Path, tuple[tuple, dict[str, Any]]] = {}
+
+
+def advertisement(store: Store) -> dict[str, Any]:
+    """The `NodeState.extra` entries that tell peers which files this node can serve:
+    {"files": [sha256, ...]}, or {} when there are more than MAX_ADVERTISED."""
+    key = store.models_dir
+    sig = []
+    with contextlib.suppress(OSError):
+        with os.scandir(key) as it:
+            for e in it:
+                if e.name.startswith(".") or not e.is_dir():
+                    continue
+                with contextlib.suppress(OSError):
+                    st = os.stat(os.path.join(e.path, MANIFEST))
+                    sig.append((e.name, st.st_mtime_ns, st.st_size))
+    sig_t = tuple(sorted(sig))
+    cached = _adverts.get(key)
+    if cached is not None and cached[0] == sig_t:
+        return cached[1]
+    hashes = sorted({f.sha256 for m in store.list() if m.files_present()
+                     for f in m.files if f.sha256})
+    out: dict[str, Any] = {"files": hashes} if len(hashes) <= MAX_ADVERTISED else {}
+    _adverts[key] = (sig_t, out)
+    return out

@@ -1,27 +1,34 @@
 """The one error tree of inference-mesh.
 
     MeshError                      root: anything the product raises on purpose
-    ├── BadRequest                 the caller sent something we cannot use       -> 400
-    │   ├── PayloadTooLarge        body over the configured limit               -> 413
-    │   └── UnsupportedMedia       audio we cannot decode                       -> 400
-    ├── AuthError                  missing, unknown or revoked API key           -> 401
-    ├── PermissionDenied           key lacks the feature                         -> 403
-    ├── NotFound                   unknown route or resource                     -> 404
-    │   └── ModelNotFound          no node of the mesh serves that model         -> 404
-    ├── Conflict                   operation clashes with current state          -> 409
-    ├── RateLimited                too many attempts / requests                  -> 429
-    ├── GalleryError               install failed (source, checksum, disk)       -> 502
+    ├── BadRequest                 the caller sent something we cannot use
+    │   ├── PayloadTooLarge        body over the configured limit
+    │   └── UnsupportedMedia       audio we cannot decode
+    ├── AuthError                  missing, unknown or revoked API key
+    ├── PermissionDenied           key lacks the feature
+    ├── NotFound                   unknown route or resource
+    │   └── ModelNotFound          no node of the mesh serves that model
+    ├── Conflict                   operation clashes with current state
+    ├── RateLimited                too many attempts / requests
+    ├── GalleryError               install failed (source, checksum, disk)
     │   ├── ChecksumMismatch
-    │   └── DiskFull                                                             -> 507
-    ├── Unavailable                cannot serve now (worker died, queue full)    -> 503
-    │   ├── WorkerDied
-    │   └── NoCapacity
-    ├── PeerError                  a mesh peer failed or refused                 -> 502
-    │   └── AdmissionDenied        peer failed the token handshake
-    └── Timeout                    the request deadline passed                   -> 504
+    │   └── DiskFull
+    ├── BackendError               the model's backend failed on a valid request
+    ├── Unavailable                cannot serve now; another node may          (retryable)
+    │   ├── WorkerDied             the worker process died mid-request
+    │   └── NoCapacity             queue full
+    ├── PeerError                  a mesh peer failed or refused                (retryable)
+    │   ├── PeerSilent             a serving peer stopped sending (no heartbeat)
+    │   ├── AdmissionDenied        peer failed the token handshake
+    │   └── BadMessage             a wire message that is malformed or unsigned
+    └── Timeout                    the request deadline passed
 
 Lower-library errors are translated at the boundary with ``raise Ours(...) from exc``.
-`api/errors.py` is the single place that turns these into HTTP responses.
+This module knows nothing of HTTP: api/errors.py holds THE table from these classes to an
+HTTP status and an OpenAI error type. The router (mesh/router.py) retries on the next
+candidate only for ``RETRYABLE`` errors raised before a request's first event. A typed
+error crosses processes and peers as a ``Failed`` event carrying its class name
+(mesh/wire/inference.py), rebuilt here by ``by_name``.
 """
 
 from __future__ import annotations
@@ -30,9 +37,7 @@ from typing import Any
 
 
 class MeshError(Exception):
-    status: int = 500
-    type: str = "server_error"
-    code: str | None = None
+    code: str | None = "internal_error"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  extra: dict[str, Any] | None = None) -> None:
@@ -43,20 +48,12 @@ class MeshError(Exception):
             self.code = code
         self.extra = extra or {}
 
-    def to_openai(self) -> dict[str, Any]:
-        """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-        err = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        err.update(self.extra)
-        return {"error": err}
-
 
 class BadRequest(MeshError):
-    status = 400
-    type = "invalid_request_error"
+    code = "invalid_request"
 
 
 class PayloadTooLarge(BadRequest):
-    status = 413
     code = "payload_too_large"
 
 
@@ -65,20 +62,14 @@ class UnsupportedMedia(BadRequest):
 
 
 class AuthError(MeshError):
-    status = 401
-    type = "authentication_error"
     code = "invalid_api_key"
 
 
 class PermissionDenied(MeshError):
-    status = 403
-    type = "permission_error"
     code = "insufficient_permissions"
 
 
 class NotFound(MeshError):
-    status = 404
-    type = "invalid_request_error"
     code = "not_found"
 
 
@@ -87,20 +78,14 @@ class ModelNotFound(NotFound):
 
 
 class Conflict(MeshError):
-    status = 409
-    type = "invalid_request_error"
     code = "conflict"
 
 
 class RateLimited(MeshError):
-    status = 429
-    type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
 
 class GalleryError(MeshError):
-    status = 502
-    type = "server_error"
     code = "install_failed"
 
 
@@ -109,13 +94,14 @@ class ChecksumMismatch(GalleryError):
 
 
 class DiskFull(GalleryError):
-    status = 507
     code = "disk_full"
 
 
+class BackendError(MeshError):
+    code = "backend_error"
+
+
 class Unavailable(MeshError):
-    status = 503
-    type = "server_error"
     code = "unavailable"
 
 
@@ -128,16 +114,47 @@ class NoCapacity(Unavailable):
 
 
 class PeerError(MeshError):
-    status = 502
-    type = "server_error"
     code = "peer_error"
+
+
+class PeerSilent(PeerError):
+    code = "peer_silent"
 
 
 class AdmissionDenied(PeerError):
     code = "admission_denied"
 
 
+class BadMessage(PeerError):
+    code = "bad_message"
+
+
 class Timeout(MeshError):
-    status = 504
-    type = "server_error"
     code = "timeout"
+
+
+RETRYABLE = (Unavailable, PeerError)
+
+
+def _all(cls: type[MeshError]) -> list[type[MeshError]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out += _all(sub)
+    return out
+
+
+def name_of(exc: MeshError) -> str:
+    """The name of the most specific class of this tree `exc` is (a subclass defined
+    elsewhere, such as a backend's RequestError, travels as its parent here)."""
+    for cls in type(exc).__mro__:
+        if cls.__module__ == __name__:
+            return cls.__name__
+    return MeshError.__name__
+
+
+def by_name(name: str) -> type[MeshError]:
+    """The class of the tree called `name`; the root for a name this node does not know."""
+    for cls in _all(MeshError):
+        if cls.__name__ == name:
+            return cls
+    return MeshError

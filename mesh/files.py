@@ -4,7 +4,7 @@ The gallery's "peers" source (gallery/installer.py, `PeerFetcher`): a pinned fil
 sha256) is asked of the mesh before its origin, so the second node of a LAN to want a model
 gets it at LAN speed, without the internet.
 
-Wire (one stream per transfer; frames are node/frames.py's length-prefixed msgpack):
+Wire (one stream per transfer; frames are mesh/wire/framing.py's length-prefixed msgpack):
 
     client -> server   {"v": 1, "sha256": <64 hex>, "offset": <int >= 0>}
     server -> client   {"ok": true, "size": <whole file>}, then the raw bytes
@@ -13,7 +13,7 @@ Wire (one stream per transfer; frames are node/frames.py's length-prefixed msgpa
 
 Design notes
 - Who has what. Each node gossips the sha256 of its installed files in
-  `NodeState.extra["files"]` (`advertisement`; cached on the model.yaml mtimes, so a gossip
+  `NodeState.extra["files"]` (gallery/store.py `advertisement`; cached on the model.yaml mtimes, so a gossip
   tick costs a directory scan; a node with more than MAX_ADVERTISED files sends no list).
   The fetcher asks alive peers that list the hash first, then peers that send no list
   (older nodes, big stores), lowest RTT first; a peer whose list lacks the hash is not
@@ -39,7 +39,7 @@ Design notes
   MB/s on a busy 2-core machine, a ratio of ~0.25, short of the 0.5 aimed at. The cost is
   CPU per 64 KiB yamux frame in py-libp2p (yamux, Noise, locks and task switches: ~6-8 ms
   of CPU per MB on each side, against ~1 ms for HTTP); the read-ahead and window-update
-  settings in mesh/host.py ("Bulk throughput") took it from ~43 to ~62 MB/s. Sending
+  settings in mesh/p2p/host.py ("Bulk throughput") took it from ~43 to ~62 MB/s. Sending
   yamux payloads sized to fit one Noise message (65,507 bytes) showed no clear gain.
   On a 1 GbE LAN the link caps HTTP at ~117 MB/s, about twice this path's rate here.
 Left out on purpose: fetching ranges of one file from several peers at once (CPU-bound
@@ -51,7 +51,6 @@ files that are still downloading.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -62,11 +61,10 @@ from typing import Any, BinaryIO, Callable
 
 import trio
 
-from gallery.store import MANIFEST, Store
 from mesh.errors import MeshError, PeerError
-from node.frames import FrameError, pack, read_frame
+from mesh.wire.framing import FrameError, pack, read_frame
 
-__all__ = ["PROTOCOL", "MeshFileFetcher", "make_handler", "advertisement", "candidates"]
+__all__ = ["PROTOCOL", "MeshFileFetcher", "make_handler", "candidates"]
 
 log = logging.getLogger("mesh.files")
 
@@ -77,19 +75,8 @@ STALL_TIMEOUT = 15.0         # s without a byte before a transfer is abandoned
 REQUEST_TIMEOUT = 10.0       # s the server waits for the request frame
 RESUME_TRIES = 2             # attempts per peer while each one makes progress
 MAX_UPLOADS = 4              # concurrent transfers a node serves; more are told "busy"
-MAX_ADVERTISED = 512         # hashes gossiped (66 bytes each: ~34 KB of a 256 KB state)
 PEER_SETTLE_S = 5.0          # s a freshly started node waits for its first peer's state
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class _Receiver:
-    """`receive_some` on a mesh Stream, for node.frames.read_frame."""
-
-    def __init__(self, stream) -> None:
-        self.stream = stream
-
-    async def receive_some(self, n: int) -> bytes:
-        return await self.stream.read(n)
 
 
 class _Refused(Exception):
@@ -105,33 +92,6 @@ class _Broken(Exception):
 
 
 # --------------------------------------------------------------------------- advertising
-_adverts: dict[Path, tuple[tuple, dict[str, Any]]] = {}
-
-
-def advertisement(store: Store) -> dict[str, Any]:
-    """The `NodeState.extra` entries that tell peers which files this node can serve:
-    {"files": [sha256, ...]}, or {} when there are more than MAX_ADVERTISED."""
-    key = store.models_dir
-    sig = []
-    with contextlib.suppress(OSError):
-        with os.scandir(key) as it:
-            for e in it:
-                if e.name.startswith(".") or not e.is_dir():
-                    continue
-                with contextlib.suppress(OSError):
-                    st = os.stat(os.path.join(e.path, MANIFEST))
-                    sig.append((e.name, st.st_mtime_ns, st.st_size))
-    sig_t = tuple(sorted(sig))
-    cached = _adverts.get(key)
-    if cached is not None and cached[0] == sig_t:
-        return cached[1]
-    hashes = sorted({f.sha256 for m in store.list() if m.files_present()
-                     for f in m.files if f.sha256})
-    out: dict[str, Any] = {"files": hashes} if len(hashes) <= MAX_ADVERTISED else {}
-    _adverts[key] = (sig_t, out)
-    return out
-
-
 def candidates(view, sha256: str) -> list:
     """Alive peers to ask for `sha256`: those listing it, then those sending no list;
     each group by RTT (unknown last)."""
@@ -150,12 +110,16 @@ def candidates(view, sha256: str) -> list:
 
 
 # --------------------------------------------------------------------------- serving
-def _open_for_peer(store: Store, sha256: str, offset: int) -> tuple[BinaryIO, int] | str:
+FindFile = Callable[[str], "Path | None"]
+
+
+def _open_for_peer(find: FindFile, root: Path, sha256: str,
+                   offset: int) -> tuple[BinaryIO, int] | str:
     """(open file positioned at offset, its size), or the error to answer (blocking)."""
-    path = store.find_file_by_sha256(sha256)
+    path = find(sha256)
     if path is None:
         return "not_found"
-    root = os.path.abspath(store.models_dir)
+    root = os.path.abspath(root)
     p = os.path.abspath(path)
     if os.path.commonpath([root, p]) != root:
         log.warning("not serving %s: outside the models directory %s", p, root)
@@ -186,14 +150,15 @@ def _valid_request(req: Any) -> tuple[str, int] | None:
     return sha, offset
 
 
-def make_handler(store: Store, *, max_uploads: int = MAX_UPLOADS):
-    """The `/mesh/files/1` handler: send an installed file to a peer that names its sha256."""
+def make_handler(find: FindFile, root: Path, *, max_uploads: int = MAX_UPLOADS):
+    """The `/mesh/files/1` handler: send the file `find(sha256)` names (under `root`: the
+    gallery's `Store.find_file_by_sha256` and models directory) to a peer that asks."""
     slots = trio.Semaphore(max_uploads)
 
     async def handle(stream, peer_id: str) -> None:
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
-                req = await read_frame(_Receiver(stream))
+                req = await read_frame(stream)
         except (FrameError, PeerError, trio.TooSlowError, ValueError) as exc:
             log.info("bad file request from %s: %s", peer_id[-8:], exc or type(exc).__name__)
             await stream.reset()
@@ -210,7 +175,7 @@ def make_handler(store: Store, *, max_uploads: int = MAX_UPLOADS):
             await stream.write(pack({"ok": False, "error": "busy"}))
             return
         try:
-            opened = await trio.to_thread.run_sync(_open_for_peer, store, sha, offset)
+            opened = await trio.to_thread.run_sync(_open_for_peer, find, root, sha, offset)
             if isinstance(opened, str):
                 await stream.write(pack({"ok": False, "error": opened}))
                 return
@@ -318,7 +283,7 @@ class MeshFileFetcher:
                     stream = await self.p2p.open_stream(peer.peer_id, PROTOCOL)
                     await stream.write(pack({"v": 1, "sha256": sha256, "offset": offset}))
                     await stream.close()          # half-close: the request is all we send
-                    reply = await read_frame(_Receiver(stream))
+                    reply = await read_frame(stream)
             except trio.TooSlowError:
                 raise _Broken(f"no answer within {self.open_timeout:.0f} s", done) from None
             except (MeshError, FrameError, ValueError) as exc:

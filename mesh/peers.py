@@ -23,7 +23,8 @@ class MeshPeers:
                     out.append(PeerCandidate(peer_id=p.peer_id, name=p.name, model=m.id,
                                              slots=max(m.slots, 1), busy=m.busy, queued=m.queued,
                                              tokens_per_s=m.tokens_per_s,
-                                             rtt_ms=p.rtt_ms if p.rtt_ms is not None else 1e3))
+                                             rtt_ms=p.rtt_ms if p.rtt_ms is not None else 1e3,
+                                             backend=m.backend, last_seen=p.last_seen))
         return out
 
     def model_cards(self) -> list[dict[str, Any]]:

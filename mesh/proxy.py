@@ -1,249 +1,209 @@
-"""`/mesh/openai/1`: one HTTP request carried to a peer over a libp2p stream.
+"""`/mesh/openai/2`: a typed request carried to a peer, its typed events carried back.
 
-Wire (length-prefixed msgpack frames, node/frames.py, on an admitted, Noise+PSK stream):
+Wire (mesh/wire/framing.py frames on an admitted, Noise+PSK libp2p stream; the request
+and events are mesh/wire/inference.py's vocabulary):
 
-    origin -> peer   {"v": 1, "method", "path", "query", "headers": [[k, v]...],
-                      "body": bytes, "deadline": seconds left, "caller": {...} | None}
-    peer -> origin   {"t": "start", "status", "headers": [[k, v]...]}
-                     {"t": "body", "data": bytes}  (0..n; SSE chunks as they come)
-                     {"t": "end"} | {"t": "error", "message", "status"}
+    origin -> peer   {"v": 2, "request": Request, "caller": {name, key_id, features} | None,
+                      "deadline": seconds left}
+    peer -> origin   {"event": Heartbeat}              at once: "accepted, working on it"
+                     {"event": Delta | Done | Result | Failed | Heartbeat} ...
 
-The peer serves the request by calling its own ASGI app in-process with
-`scope["extensions"]["mesh.peer"] = <origin peer id>`, which tells the router never to
-proxy it again (one hop). Body chunks are relayed as the app sends them: streaming stays
-streaming. When the origin's client goes away, the origin resets the stream; the peer's
-reader sees it and the ASGI app gets `http.disconnect`, which cancels generation in the
-worker. A peer that fails before the `start` frame (dial, admission, EOF, or a 503 from
-a saturated/dying worker) is skipped for the next candidate; after `start`, a failure
-ends a stream with an OpenAI-shaped error event and `[DONE]`.
+The peer validates the request (decode_request), checks the caller's features against
+its own view of the key ring (``authorize``, given by the composition root), and serves
+it with its own router, local only (``proxied=True``: one hop, never two). It never runs
+the HTTP app: OpenAI objects and SSE are formatted once, at the node the client talks to.
+
+Liveness. While a request runs the peer sends a Heartbeat at least every HEARTBEAT_S
+(1 s), events or not (a request waiting in the worker's queue is still alive). The
+origin reads with a SILENCE_S (3 s) limit; silence raises ``PeerSilent``, which the
+router turns into "try the next candidate" before the first event and into a Failed
+event (then `[DONE]` at the API) after it, and which takes the peer out of routing until
+gossip shows it alive again. Opening (stream, request frame, the peer's first heartbeat)
+on an existing connection must take less than ACK_S (1.5 s): a frozen peer's TCP
+connection stays up, so only its silence gives it away, and a request for another
+candidate must not wait the full SILENCE_S.
+
+Cancellation. When the origin's client goes away the origin resets the stream; the peer
+sees EOF or a reset on its read side, cancels the request (the worker stops at the next
+token) and stops. The origin never half-closes before the terminal event for the same
+reason: the peer takes EOF for "gone".
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
-import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
-from quart import Response
 
-from mesh.errors import MeshError, PeerError, Timeout, Unavailable
-from node.frames import FrameError, pack, read_frame
+from mesh.errors import BadMessage, MeshError, PeerError, PeerSilent
+from mesh.wire.framing import FrameError, FrameReader, pack
+from mesh.wire.inference import (TERMINAL, VERSION, Event, Heartbeat, Request,
+                                 decode_event, decode_request, encode_event, encode_request,
+                                 failed_from_error)
 
 log = logging.getLogger("mesh.proxy")
 
-PROTOCOL = "/mesh/openai/1"
-OPEN_TIMEOUT = 10.0          # dial + admission + request frame
-# Not relayed: hop-by-hop headers, and the caller's key (the peer gets the caller's
-# identity and features in the request frame instead; secrets never cross the mesh).
-_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host",
-               "upgrade", "te", "trailer", "proxy-authorization", "proxy-authenticate",
-               "authorization"}
-RETRY_STATUSES = {502, 503}  # a peer that says "cannot now" before any byte: try the next
+__all__ = ["PROTOCOL", "HEARTBEAT_S", "SILENCE_S", "ACK_S", "ProxyClient", "make_handler"]
 
-
-class _Receiver:
-    """trio-stream-like `receive_some` on a mesh Stream, for node.frames.read_frame."""
-
-    def __init__(self, stream) -> None:
-        self.stream = stream
-
-    async def receive_some(self, n: int) -> bytes:
-        return await self.stream.read(n)
-
-
-async def _send(stream, obj: dict[str, Any]) -> None:
-    await stream.write(pack(obj))
-
-
-def _headers_out(headers) -> list[list[str]]:
-    return [[k, v] for k, v in headers.items() if k.lower() not in _HOP_BY_HOP]
+PROTOCOL = "/mesh/openai/2"
+HEARTBEAT_S = 1.0            # peer: longest quiet between two frames of a running request
+SILENCE_S = 3.0              # origin: quiet after which the peer is taken for frozen
+ACK_S = 1.5                  # origin: stream + request + first heartbeat, connection up
+OPEN_TIMEOUT = 10.0          # origin: the same when a connection must be dialed first
+REQUEST_TIMEOUT = 10.0       # peer: wait for the request frame
 
 
 # ------------------------------------------------------------------ origin side
-class Proxy:
-    """Forwards requests the router sends to peers."""
+class ProxyClient:
+    """The router's PeerTransport over the mesh (mesh/router.py)."""
 
-    def __init__(self, p2p, router, *, request_timeout: float) -> None:
+    def __init__(self, p2p) -> None:
         self.p2p = p2p
-        self.router = router
-        self.request_timeout = request_timeout
 
-    async def forward(self, route, request) -> Response:
-        body = await request.get_data()
-        caller = (request.scope.get("extensions") or {}).get("mesh.caller")
-        head = {"v": 1, "method": request.method, "path": request.path,
-                "query": request.query_string.decode("latin-1"),
-                "headers": _headers_out(request.headers), "body": body,
-                "deadline": self.request_timeout, "caller": caller}
-        last: MeshError | None = None
-        for cand in route.peers:
-            try:
-                stream, start = await self._open(cand.peer_id, head)
-            except MeshError as exc:
-                log.info("peer %s failed before the first byte: %s", cand.name, exc.message)
-                last = exc
-                continue
-            if start["status"] in RETRY_STATUSES and cand is not route.peers[-1]:
-                log.info("peer %s answered %s; trying the next", cand.name, start["status"])
-                with trio.CancelScope(shield=True):
-                    await stream.reset()
-                continue
-            return self._relay(cand, stream, start)
-        raise last or Unavailable(f"no peer could serve {route.model!r}")
-
-    async def _open(self, peer_id: str, head: dict[str, Any]):
+    @contextlib.asynccontextmanager
+    async def open(self, peer, request: Request, *, caller: dict[str, Any] | None,
+                   deadline: float) -> AsyncIterator[AsyncIterator[Event]]:
+        head = {"v": VERSION, "request": encode_request(request), "caller": caller,
+                "deadline": max(0.0, deadline - trio.current_time())}
+        limit = ACK_S if self.p2p.is_connected(peer.peer_id) else OPEN_TIMEOUT
         stream = None
+        finished = False
         try:
-            with trio.fail_after(OPEN_TIMEOUT):
-                stream = await self.p2p.open_stream(peer_id, PROTOCOL)
-                await _send(stream, head)
-            with trio.fail_after(self.request_timeout):
-                start = await read_frame(_Receiver(stream))
-            if not start or start.get("t") != "start":
-                raise PeerError(f"peer {peer_id[-8:]} sent no response")
-            return stream, start
-        except BaseException as exc:
+            with _translated(peer):
+                with trio.move_on_after(limit) as scope:
+                    stream = await self.p2p.open_stream(peer.peer_id, PROTOCOL)
+                    await stream.write(pack(head))
+                    reader = FrameReader(stream)
+                    first = await _read_event(reader, peer)
+                if scope.cancelled_caught:
+                    raise PeerSilent(f"peer {peer.name!r} did not take the request within "
+                                     f"{limit:.1f} s")
+
+            async def events() -> AsyncIterator[Event]:
+                nonlocal finished
+                pending = None if isinstance(first, Heartbeat) else first
+                while True:
+                    if pending is not None:
+                        ev, pending = pending, None
+                    else:
+                        with _translated(peer):
+                            with trio.move_on_after(SILENCE_S) as quiet:
+                                ev = await _read_event(reader, peer)
+                        if quiet.cancelled_caught:
+                            raise PeerSilent(f"the serving node {peer.name!r} sent nothing for "
+                                             f"{SILENCE_S:.0f} s")
+                    if isinstance(ev, TERMINAL):
+                        finished = True
+                    yield ev
+                    if finished:
+                        return
+
+            yield events()
+        finally:
             if stream is not None:
                 with trio.CancelScope(shield=True):
-                    await _quiet_reset(stream)
-            if isinstance(exc, trio.TooSlowError):
-                raise Timeout(f"peer {peer_id[-8:]} did not answer in time") from None
-            if isinstance(exc, (FrameError, OSError, Exception)) and not isinstance(exc, MeshError):
-                raise PeerError(f"peer {peer_id[-8:]}: {type(exc).__name__}: {exc}") from exc
-            raise
-
-    def _relay(self, cand, stream, start: dict[str, Any]) -> Response:
-        headers = {k: v for k, v in start.get("headers") or [] if k.lower() not in _HOP_BY_HOP}
-        streaming = headers.get("content-type", "").startswith("text/event-stream")
-        inflight = self.router.in_flight_to
-
-        async def body() -> AsyncIterator[bytes]:
-            inflight[cand.peer_id] = inflight.get(cand.peer_id, 0) + 1
-            done = False
-            try:
-                while True:
-                    frame = await read_frame(_Receiver(stream))
-                    if frame is None:
-                        raise PeerError("the peer closed the stream early")
-                    if frame.get("t") == "body":
-                        yield frame["data"]
-                    elif frame.get("t") == "end":
-                        done = True
-                        return
-                    else:
-                        raise PeerError(frame.get("message") or "the peer failed")
-            except (MeshError, FrameError, OSError, Exception) as exc:
-                if isinstance(exc, trio.Cancelled):
-                    raise
-                msg = exc.message if isinstance(exc, MeshError) else f"peer failed: {exc}"
-                log.warning("relay from %s broke: %s", cand.name, msg)
-                if streaming:
-                    err = PeerError(f"the serving node {cand.name!r} failed: {msg}")
-                    yield b"data: " + json.dumps(err.to_openai()).encode() + b"\n\n"
-                    yield b"data: [DONE]\n\n"
-            finally:
-                inflight[cand.peer_id] = max(0, inflight.get(cand.peer_id, 1) - 1)
-                with trio.CancelScope(shield=True):
-                    if done:
-                        await _quiet_close(stream)
-                    else:
-                        await _quiet_reset(stream)
-
-        resp = Response(body(), status=start["status"], headers=headers)
-        resp.timeout = None
-        return resp
+                    await (_quiet(stream.close) if finished else _quiet(stream.reset))
 
 
-async def _quiet_reset(stream) -> None:
+async def _read_event(reader: FrameReader, peer) -> Event:
+    frame = await reader.read()
+    if frame is None:
+        raise PeerError(f"the serving node {peer.name!r} closed the stream early")
+    return decode_event(frame.get("event"))
+
+
+@contextlib.contextmanager
+def _translated(peer):
+    """Lower-level failures of one peer stream as the tree's PeerError."""
     try:
-        await stream.reset()
-    except Exception:
-        pass
+        yield
+    except MeshError:
+        raise
+    except (FrameError, ValueError) as exc:
+        raise BadMessage(f"the serving node {peer.name!r} sent a bad frame: {exc}") from exc
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise PeerError(f"the serving node {peer.name!r} failed: {exc}") from exc
 
 
-async def _quiet_close(stream) -> None:
-    try:
-        await stream.close()
-    except Exception:
-        pass
+async def _quiet(close: Callable[[], Awaitable[None]]) -> None:
+    with contextlib.suppress(MeshError, OSError, trio.BrokenResourceError,
+                             trio.ClosedResourceError):
+        await close()
 
 
 # -------------------------------------------------------------------- peer side
-def make_handler(app, *, max_body: int):
-    """The `/mesh/openai/1` handler: serve a peer's request with our own ASGI app."""
+Authorize = Callable[[dict[str, Any] | None, Request], None]
+
+
+def make_handler(router, *, authorize: Authorize, max_deadline: float):
+    """The `/mesh/openai/2` handler: serve a peer's typed request with our own router."""
 
     async def handle(stream, peer_id: str) -> None:
-        try:
-            head = await read_frame(_Receiver(stream))
-        except (FrameError, OSError, Exception) as exc:
-            log.info("bad proxy request from %s: %s", peer_id[-8:], exc)
-            await _quiet_reset(stream)
+        reader = FrameReader(stream)
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            try:
+                head = await reader.read()
+            except (FrameError, MeshError) as exc:
+                log.info("bad proxy request from %s: %s", peer_id[-8:], exc)
+                head = None
+        if not head or head.get("v") != VERSION:
+            log.info("proxy request from %s of version %r refused", peer_id[-8:],
+                     (head or {}).get("v"))
+            await _quiet(stream.reset)
             return
-        if not head or head.get("v") != 1 or len(head.get("body") or b"") > max_body:
-            await _quiet_reset(stream)
-            return
-        await serve_asgi(app, stream, peer_id, head)
+        await _serve(stream, router, authorize, head, max_deadline)
 
     return handle
 
 
-async def serve_asgi(app, stream, peer_id: str, head: dict[str, Any]) -> None:
-    disconnected = trio.Event()
-    sent_body = False
-    started = False
+async def _serve(stream, router, authorize: Authorize, head: dict[str, Any],
+                 max_deadline: float) -> None:
+    lock = trio.Lock()
 
-    async def watch_origin() -> None:
-        # Anything after the request frame (or EOF / reset) means the origin gave up.
-        try:
+    async def send(ev: Event) -> None:
+        async with lock:
+            await stream.write(pack({"event": encode_event(ev)}))
+
+    try:
+        request = decode_request(head.get("request"))
+        caller = head.get("caller")
+        authorize(caller if isinstance(caller, dict) else None, request)
+        left = float(head.get("deadline") or max_deadline)
+    except MeshError as exc:
+        await send(failed_from_error(exc))
+        return
+    deadline = trio.current_time() + min(max(left, 0.0), max_deadline)
+
+    async def heartbeats() -> None:
+        while True:
+            await send(Heartbeat())
+            await trio.sleep(HEARTBEAT_S)
+
+    async def watch_origin(scope: trio.CancelScope) -> None:
+        # The origin sends nothing after its request: EOF or a reset means it is gone.
+        with contextlib.suppress(MeshError, OSError):
             await stream.read(1)
-        except Exception:
-            pass
-        disconnected.set()
+        scope.cancel()
 
-    async def receive() -> dict[str, Any]:
-        nonlocal sent_body
-        if not sent_body:
-            sent_body = True
-            return {"type": "http.request", "body": head.get("body") or b"", "more_body": False}
-        await disconnected.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal started
-        if message["type"] == "http.response.start":
-            started = True
-            hdrs = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in message.get("headers", [])]
-            await _send(stream, {"t": "start", "status": message["status"], "headers": hdrs})
-        elif message["type"] == "http.response.body":
-            data = message.get("body") or b""
-            if data:
-                await _send(stream, {"t": "body", "data": data})
-
-    scope = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-        "method": head.get("method", "GET"), "scheme": "http", "path": head.get("path", "/"),
-        "raw_path": head.get("path", "/").encode(), "root_path": "",
-        "query_string": (head.get("query") or "").encode("latin-1"),
-        "headers": [(str(k).lower().encode("latin-1"), str(v).encode("latin-1"))
-                    for k, v in head.get("headers") or []],
-        "client": (f"mesh:{peer_id}", 0), "server": ("mesh", 0),
-        "extensions": {"mesh.peer": peer_id, "mesh.caller": head.get("caller")},
-    }
-    deadline = float(head.get("deadline") or 600)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_origin)
-            with trio.move_on_after(deadline):
-                await app(scope, receive, send)
-            if started:
-                await _send(stream, {"t": "end"})
+            nursery.start_soon(heartbeats)
+            nursery.start_soon(watch_origin, nursery.cancel_scope)
+            try:
+                call = await router.open(request, caller=caller, proxied=True,
+                                         deadline=deadline)
+            except MeshError as exc:
+                await send(failed_from_error(exc))
             else:
-                await _send(stream, {"t": "error", "status": 504, "message": "deadline passed"})
+                try:
+                    async for ev in call.events():
+                        await send(ev)
+                finally:
+                    await call.aclose()
             nursery.cancel_scope.cancel()
-        await _quiet_close(stream)
-    except Exception as exc:
-        log.info("proxy stream from %s ended: %s", peer_id[-8:], exc)
-        with trio.CancelScope(shield=True):
-            await _quiet_reset(stream)
+    except (MeshError, OSError) as exc:
+        log.info("proxy stream ended early: %s", exc)
+        await _quiet(stream.reset)
+

@@ -1,35 +1,78 @@
-"""Where a request for a model goes.
+"""Where a request goes, and the one call that takes it there: ``Router.open(request)``.
 
-Policy (docs/architecture.md, "Routing", has the full version):
+The API hands the router a typed request (mesh/wire/inference.py) and gets back a
+``Call``: the first event, then an event stream. Behind it are two transports with one
+shape, as httpx puts one transport interface in front of its connection pools:
+
+    LocalBackend.open(model_id, request)            this node's worker processes (node/)
+    PeerTransport.open(peer, request, caller, ...)  a mesh peer over /mesh/openai/2 (mesh/proxy.py)
+
+each an async context manager yielding an iterator of events. The router never sees a
+socket, a worker or HTTP.
+
+Policy (``plan``):
 1. A request already proxied to us is served here or fails: never a second hop.
-2. The local node, when it has the model loaded and is not saturated (in-flight below
-   its slots, or no peer can take it).
-3. Otherwise the best routable peer that has it loaded: the one with the lowest
-   expected wait, where wait = (busy + queued + our in-flight to it) / slots, then the
-   higher recent decode speed, then the lower RTT.
-4. Nobody has it: ModelNotFound listing what the mesh does serve.
+2. The local node, when it has the model loaded (or loading) and is not saturated
+   (in-flight below its slots), or when no peer is expected to answer sooner.
+3. Otherwise the routable peers that have it loaded, best first: the lowest expected
+   wait, wait = (busy + queued + our in-flight to it) / slots, then the higher recent
+   decode speed, then the lower RTT; the local node, if it has the model, comes last.
+4. A peer that went silent on us (``PeerSilent``: no heartbeat within SILENCE_S) is out
+   of routing until gossip shows it alive again (a state newer than the silence), so a
+   frozen peer costs one request at most ACK_S, not one per request for 3 s.
+5. Nobody has it: ModelNotFound listing what the mesh does serve.
 
-The API asks the router; it never looks at workers or peers itself.
+Retries: before a request's first event, an error of ``mesh.errors.RETRYABLE`` (no
+capacity, worker died, peer gone or silent) moves on to the next candidate; anything else
+(a bad request, the deadline) is the answer. After the first event there is no retry:
+the stream ends with a ``Failed`` event, never silently.
+
+Deadline: one absolute deadline (``request_timeout`` from the node's config, or the one a
+proxying peer sent) bounds the whole request, every candidate and every event; its
+expiry is ``Timeout`` before the first event and a ``Failed(Timeout)`` after it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, AsyncContextManager, AsyncIterator, Protocol
 
-from mesh.errors import ModelNotFound
-from node.workers import Worker, WorkerPool
+import trio
+
+from mesh.errors import RETRYABLE, BadRequest, MeshError, ModelNotFound, PeerSilent, Timeout
+from mesh.wire.inference import (BACKEND_OF, Done, Event, Failed, Heartbeat, Request,
+                                 Result, error_from_failed, failed_from_error)
+
+log = logging.getLogger("mesh.router")
+
+__all__ = ["LocalModel", "LocalBackend", "PeerCandidate", "PeerDirectory", "PeerTransport",
+           "Target", "Router", "Call"]
+
+DEFAULT_TIMEOUT = 600.0
 
 
-class PeerDirectory(Protocol):
-    """What the router needs from the mesh layer (mesh/peers.py provides it)."""
+class LocalModel(Protocol):
+    """What the router reads of a model this node runs (node/workers.py Worker)."""
 
-    def candidates(self, model: str) -> list["PeerCandidate"]: ...
+    id: str
+    backend: str
+    state: str          # loading | loaded | failed | stopped
+    slots: int
+    in_flight: int
+
+
+class LocalBackend(Protocol):
+    """This node's models (node/local.py implements it over the worker pool)."""
+
+    def find(self, model: str) -> LocalModel | None: ...
     def model_cards(self) -> list[dict[str, Any]]: ...
+    def open(self, model_id: str, request: Request) -> AsyncContextManager[AsyncIterator[Event]]: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class PeerCandidate:
     peer_id: str
     name: str
@@ -39,57 +82,197 @@ class PeerCandidate:
     queued: int
     tokens_per_s: float
     rtt_ms: float
+    backend: str = "llama"
+    last_seen: float = 0.0        # trio clock of the peer's latest gossiped state
+
+
+class PeerDirectory(Protocol):
+    """What the router needs from the membership (mesh/peers.py provides it)."""
+
+    def candidates(self, model: str) -> list[PeerCandidate]: ...
+    def model_cards(self) -> list[dict[str, Any]]: ...
+
+
+class PeerTransport(Protocol):
+    """Carries a request to one peer (mesh/proxy.py ProxyClient)."""
+
+    def open(self, peer: PeerCandidate, request: Request, *, caller: dict[str, Any] | None,
+             deadline: float) -> AsyncContextManager[AsyncIterator[Event]]: ...
+
+
+@dataclass(frozen=True)
+class Target:
+    """One place a request may be served: this node (peer None) or a peer."""
+
+    model: str
+    peer: PeerCandidate | None = None
+
+    @property
+    def name(self) -> str:
+        return self.peer.name if self.peer else "local"
 
 
 @dataclass
-class Route:
-    model: str
-    local: Worker | None = None
-    peers: tuple[PeerCandidate, ...] = ()   # ordered fallbacks when not local
+class Call:
+    """An opened request: its first event, then the rest through ``events()``.
+
+    ``events()`` yields every event, the first included, ends after the terminal one and
+    turns any failure (deadline, peer gone) into a final ``Failed``; ``aclose()`` ends the
+    request wherever it runs (cancels a generation in the worker or on the peer)."""
+
+    target: Target
+    first: Event
+    _events: AsyncIterator[Event]
+    _stack: contextlib.AsyncExitStack
+    deadline: float
+    _done: bool = False
+
+    @property
+    def served_by(self) -> str:
+        return self.target.name
+
+    async def events(self) -> AsyncIterator[Event]:
+        ev = self.first
+        while True:
+            yield ev
+            if isinstance(ev, (Done, Result, Failed)):
+                self._done = True
+                return
+            try:
+                ev = await _next_event(self._events, self.deadline)
+            except MeshError as exc:
+                ev = failed_from_error(exc)
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._stack.aclose()
 
 
+async def _next_event(events: AsyncIterator[Event], deadline: float) -> Event:
+    with trio.move_on_at(deadline) as scope:
+        while True:
+            try:
+                ev = await events.__anext__()
+            except StopAsyncIteration:
+                raise MeshError("the stream ended before its final event") from None
+            if not isinstance(ev, Heartbeat):
+                return ev
+    assert scope.cancelled_caught
+    raise Timeout("the request deadline passed before it finished", code="deadline_exceeded")
+
+
+@dataclass
 class Router:
-    def __init__(self, pool: WorkerPool, peers: PeerDirectory | None = None) -> None:
-        self.pool = pool
-        self.peers = peers
-        self.in_flight_to: dict[str, int] = {}
-        self.created = int(time.time())
+    local: LocalBackend
+    peers: PeerDirectory | None = None
+    transport: PeerTransport | None = None
+    request_timeout: float = DEFAULT_TIMEOUT
+    in_flight_to: dict[str, int] = field(default_factory=dict)
+    silent_since: dict[str, float] = field(default_factory=dict)
+    created: int = field(default_factory=lambda: int(time.time()))
 
-    def route(self, model: str, *, proxied: bool = False) -> Route:
-        local = self.pool.find(model)
+    # ------------------------------------------------------------- ranking
+    def plan(self, model: str, *, proxied: bool = False, kind: str = "generate") -> list[Target]:
+        """Candidates for `model`, best first (module note: Policy)."""
+        need = BACKEND_OF.get(kind)
+        local = self.local.find(model)
         if local is not None and local.state in ("loading", "loaded"):
-            if proxied or self.peers is None:
-                return Route(model=local.id, local=local)
-            slots = int(local.info.get("slots") or 1)
-            remote = self._rank(self.peers.candidates(local.id))
-            if local.in_flight < slots or not remote:
-                return Route(model=local.id, local=local)
-            mine = local.in_flight / slots
-            if all(self._wait(p) >= mine for p in remote):
-                return Route(model=local.id, local=local)
-            return Route(model=local.id, peers=tuple(remote))
-        if not proxied and self.peers is not None:
-            remote = self._rank(self.peers.candidates(model))
+            _check_backend(local.id, local.backend, need)
+            here = Target(model=local.id)
+            if proxied or not self._meshed():
+                return [here]
+            remote = self.rank(local.id)
+            if local.in_flight < max(local.slots, 1) or not remote:
+                return [here]
+            mine = local.in_flight / max(local.slots, 1)
+            if all(self.wait(p) >= mine for p in remote):
+                return [here]
+            return [Target(model=p.model, peer=p) for p in remote] + [here]
+        if not proxied and self._meshed():
+            remote = self.rank(model)
             if remote:
-                return Route(model=remote[0].model, peers=tuple(remote))
+                _check_backend(remote[0].model, remote[0].backend, need)
+                return [Target(model=p.model, peer=p) for p in remote]
         raise ModelNotFound(
             f"The model '{model}' does not exist or is not loaded on any node. "
             f"Available: {', '.join(sorted(c['id'] for c in self.model_cards())) or 'none'}",
             param="model")
 
-    def _wait(self, p: PeerCandidate) -> float:
+    def _meshed(self) -> bool:
+        return self.peers is not None and self.transport is not None
+
+    def wait(self, p: PeerCandidate) -> float:
         return (p.busy + p.queued + self.in_flight_to.get(p.peer_id, 0)) / max(p.slots, 1)
 
-    def _rank(self, cands: list[PeerCandidate]) -> list[PeerCandidate]:
-        return sorted(cands, key=lambda p: (self._wait(p), -p.tokens_per_s, p.rtt_ms))
+    def rank(self, model: str) -> list[PeerCandidate]:
+        assert self.peers is not None
+        cands = [p for p in self.peers.candidates(model)
+                 if self.silent_since.get(p.peer_id, float("-inf")) < p.last_seen]
+        return sorted(cands, key=lambda p: (self.wait(p), -p.tokens_per_s, p.rtt_ms))
 
     def model_cards(self) -> list[dict[str, Any]]:
-        cards: dict[str, dict[str, Any]] = {}
-        for w in self.pool.workers.values():
-            if w.state in ("loading", "loaded"):
-                cards[w.id] = {"id": w.id, "object": "model", "created": int(w.started_at),
-                               "owned_by": "inference-mesh"}
+        cards = {c["id"]: c for c in self.local.model_cards()}
         if self.peers is not None:
             for card in self.peers.model_cards():
                 cards.setdefault(card["id"], card)
         return sorted(cards.values(), key=lambda c: c["id"])
+
+    # ------------------------------------------------------------ dispatch
+    async def open(self, request: Request, *, caller: dict[str, Any] | None = None,
+                   proxied: bool = False, deadline: float | None = None) -> Call:
+        """Serve `request` here or on the best peer; return once its first event is in.
+
+        Raises the MeshError of the last candidate when none could start it."""
+        if deadline is None:
+            deadline = trio.current_time() + self.request_timeout
+        targets = self.plan(request.model, proxied=proxied, kind=request.kind)
+        last: MeshError | None = None
+        for i, target in enumerate(targets):
+            stack = contextlib.AsyncExitStack()
+            try:
+                events = await self._enter(stack, target, request, caller, deadline)
+                first = await _next_event(events, deadline)
+                if isinstance(first, Failed):
+                    raise error_from_failed(first)
+            except BaseException as exc:
+                with trio.CancelScope(shield=True):
+                    await stack.aclose()
+                if isinstance(exc, PeerSilent) and target.peer is not None:
+                    self.silent_since[target.peer.peer_id] = trio.current_time()
+                if isinstance(exc, RETRYABLE) and i + 1 < len(targets):
+                    log.info("%s could not start the request (%s); trying %s", target.name,
+                             exc.message, targets[i + 1].name)
+                    last = exc
+                    continue
+                raise
+            return Call(target=target, first=first, _events=events, _stack=stack,
+                        deadline=deadline)
+        raise last or MeshError("no candidate")   # unreachable: the loop raises or returns
+
+    async def _enter(self, stack: contextlib.AsyncExitStack, target: Target, request: Request,
+                     caller: dict[str, Any] | None, deadline: float) -> AsyncIterator[Event]:
+        if target.model != request.model:
+            request = request.model_copy(update={"model": target.model})
+        with trio.move_on_at(deadline) as scope:
+            if target.peer is None:
+                return await stack.enter_async_context(self.local.open(target.model, request))
+            peer = target.peer
+            assert self.transport is not None
+            self.in_flight_to[peer.peer_id] = self.in_flight_to.get(peer.peer_id, 0) + 1
+            stack.callback(self._release, peer.peer_id)
+            return await stack.enter_async_context(
+                self.transport.open(peer, request, caller=caller, deadline=deadline))
+        assert scope.cancelled_caught
+        raise Timeout(f"{target.name} did not take the request before its deadline",
+                      code="deadline_exceeded")
+
+    def _release(self, peer_id: str) -> None:
+        self.in_flight_to[peer_id] = max(0, self.in_flight_to.get(peer_id, 1) - 1)
+
+
+def _check_backend(model: str, backend: str, need: str | None) -> None:
+    if need is not None and backend != need:
+        what = {"llama": "text generation and embeddings", "whisper": "audio transcription"}
+        raise BadRequest(f"model '{model}' ({backend}) does not support this endpoint; it "
+                         f"serves {what.get(backend, backend)}", param="model",
+                         code="model_not_supported")

@@ -13,9 +13,9 @@ rather than a node that silently forms a mesh of one.
 Keys (HKDF-SHA256, salt ``_HKDF_SALT``, one ``info`` label per key, so learning one key
 reveals nothing about another or about the secret):
 
-- ``psk``      32 bytes: the private-network key that wraps every TCP connection (mesh/host.py).
-- ``hmac_key`` 32 bytes: signs gossip envelopes (mesh/wire.py) and the admission handshake
-               (mesh/admission.py).
+- ``psk``      32 bytes: the private-network key that wraps every TCP connection (mesh/p2p/host.py).
+- ``hmac_key`` 32 bytes: signs gossip envelopes (mesh/wire/state.py) and the admission handshake
+               (mesh/p2p/admission.py).
 - ``mesh_id``  10 hex characters (40 bits): a public name for the mesh, used in the mDNS
                service type ``_p2p-<mesh_id>._udp.local.`` so two meshes on one LAN ignore
                each other. 10 is the most that fits: DNS-SD service names are at most 15

@@ -6,7 +6,7 @@ current one for the running node and replaces a ``trio.Event`` on every change, 
 callers (router, status, tests) await changes instead of polling.
 
 Liveness comes from gossip, not from connections or mDNS: a peer is ``alive`` while its
-NodeState keeps arriving. Rules, with ``TICK`` = the gossip period (1 s, mesh/gossip.py):
+NodeState keeps arriving. Rules, with ``TICK`` = the gossip period (1 s, mesh/p2p/gossip.py):
 
 - A state newer than the last one (higher ``seq``) makes the peer alive and refreshes
   ``last_seen``; an older or repeated one changes nothing while the peer is alive (a late
@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import trio
 
-from mesh.wire import NodeState
+from mesh.wire.state import NodeState
 
 __all__ = [
     "TICK", "SUSPECT_AFTER", "DROP_AFTER", "RTT_ALPHA", "Status", "Peer", "Membership",

@@ -27,7 +27,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -35,13 +34,12 @@ import psutil
 import trio
 
 from mesh.tunnel import Lender
-from mesh.wire import RpcState
-from node.workers import terminate_process
+from mesh.wire.state import RpcState
+from node.processes import Backoff, terminate_process
 
 log = logging.getLogger("node.rpc_server")
 
 READY_TIMEOUT = 20.0     # s from spawn to a listening socket (imports + ggml init: ~1 s)
-RESTART_BACKOFF = (0.2, 1.0, 3.0, 10.0)
 STATS_EVERY = 1.0        # the gossip tick
 CHANGE_BYTES = 1 << 20   # publish a change of rpc.free larger than this at once
 MMAP_THRESHOLD = 1 << 20 # malloc: allocations this large get their own mapping
@@ -97,8 +95,9 @@ class RpcServer:
         """Run the server, restarting it when it dies, until cancelled. Started once it
         listens the first time (or failed to)."""
         started = False
+        backoff = Backoff()
         while True:
-            t0 = time.monotonic()
+            backoff.started()
             try:
                 await self._run_once(task_status if not started else None)
             except OSError as exc:
@@ -110,11 +109,9 @@ class RpcServer:
             self.port, self.clients, self._used = None, 0, 0
             self._ready = trio.Event()
             self.on_change()
-            quick = time.monotonic() - t0 < 60
-            delay = RESTART_BACKOFF[min(self.restarts, len(RESTART_BACKOFF) - 1)] if quick else RESTART_BACKOFF[0]
             self.restarts += 1
-            log.warning("RPC server exited; restarting in %.1f s", delay)
-            await trio.sleep(delay)
+            log.warning("RPC server exited; restarting")
+            await backoff.wait()
 
     async def _run_once(self, task_status) -> None:
         port = free_port()

@@ -2,15 +2,23 @@
 
 The child connects to the Unix socket its parent listens on, loads the model, says
 `ready` (or `fatal`), then serves frames until the socket closes or `unload` arrives.
-Each kind of work has one thread and a FIFO queue (generation, embeddings, audio), so an
-embedding request never waits behind a long generation; `cancel`, `stats` and `health`
-are answered from the reader thread at once. The parent side lives in node/workers.py.
 
-A backend with `submit(request, emit, cancel)` (llama: continuous batching) takes a
-generation without blocking the generation thread: it validates the request (raising
-RequestError before any frame), queues it in its own scheduler and emits the request's
-frames from there; the request is over at its `done` or `error` frame. A backend with only
-`generate(...)` blocks the generation thread for the whole request, one at a time.
+Frames (mesh/wire/framing.py), parent -> child:
+    {"op": "run", "id": N, "request": Request}     mesh/wire/inference.py
+    {"op": "cancel", "target": N} | {"op": "stats", "id": -1} | {"op": "unload"}
+child -> parent:
+    {"type": "ready", "info": {...}} | {"type": "fatal", "error": str}   once, at start
+    {"id": N, "event": Event}                                            per request
+    {"id": -1, "stats": {...}}
+
+Each kind of work has one thread and a FIFO queue (generation, embeddings, audio), so an
+embedding request never waits behind a long generation; `cancel` and `stats` are answered
+from the reader thread at once. The parent side lives in node/workers.py.
+
+The llama backend's `submit(request, emit, cancel)` (continuous batching) takes a
+generation without blocking the generation thread: it validates the request (raising a
+BadRequest before any event), queues it in its own scheduler and emits the request's
+events from there; the request is over at its `Done` or `Failed`.
 """
 
 from __future__ import annotations
@@ -26,8 +34,10 @@ import threading
 import traceback
 from typing import Any
 
-from node.backends import RequestError
-from node.frames import SyncFramer
+from mesh.errors import BadRequest, MeshError
+from mesh.wire.framing import SyncFramer
+from mesh.wire.inference import (TERMINAL, Done, Failed, Result, decode_request, encode_event,
+                                 failed_from_error)
 
 log = logging.getLogger("node.worker")
 
@@ -72,67 +82,68 @@ class WorkerServer:
                 ev = self.cancels.get(msg.get("target"))
                 if ev is not None:
                     ev.set()
-            elif op in ("stats", "health"):
-                self.framer.send({"id": rid, "type": "result", "data": self.backend.stats()})
-            elif op in self.queues:
+            elif op == "stats":
+                self.framer.send({"id": rid, "stats": self.backend.stats()})
+            elif op == "run":
+                try:
+                    req = decode_request(msg.get("request"))
+                except MeshError as exc:
+                    self._send(rid, failed_from_error(exc))
+                    continue
                 self.cancels[rid] = threading.Event()
-                self.queues[op].put(msg)
+                self.queues[req.kind].put((rid, req))
             else:
-                self.framer.send({"id": rid, "type": "error", "status": 400,
-                                  "code": "unknown_op", "message": f"unknown op {op!r}"})
+                self._send(rid, Failed(error="BadRequest", message=f"unknown op {op!r}",
+                                       code="unknown_op"))
 
     def _drain(self, kind: str, q: queue.Queue) -> None:
         while True:
-            msg = q.get()
-            rid = msg["id"]
+            rid, req = q.get()
             cancel = self.cancels.get(rid) or threading.Event()
             handed_off = False
             try:
                 if cancel.is_set():
-                    self.framer.send({"id": rid, "type": "done", "finish_reason": "cancelled",
-                                      "usage": None})
-                    continue
-                if kind == "generate" and hasattr(self.backend, "submit"):
-                    self.backend.submit(msg["request"], self._emitter(rid), cancel)
+                    self._send(rid, Done(finish_reason="cancelled"))
+                elif kind == "generate":
+                    if not hasattr(self.backend, "submit"):
+                        raise BadRequest("this model does not generate text",
+                                         code="model_not_supported", param="model")
+                    self.backend.submit(req, self._emitter(rid), cancel)
                     handed_off = True  # it lives on in the backend; _emitter ends it
-                    continue
-                if kind == "generate":
-                    self.backend.generate(msg["request"],
-                                          lambda f, rid=rid: self.framer.send({"id": rid, **f}),
-                                          cancel)
                 elif kind == "embed":
-                    data = self.backend.embed(msg["input"])
-                    self.framer.send({"id": rid, "type": "result", "data": data})
+                    if not hasattr(self.backend, "embed"):
+                        raise BadRequest("this model does not make embeddings",
+                                         code="model_not_supported", param="model")
+                    self._send(rid, Result(data=self.backend.embed(req)))
                 else:
-                    data = self.backend.transcribe(msg["audio"], msg.get("params") or {})
-                    self.framer.send({"id": rid, "type": "result", "data": data})
-            except RequestError as exc:
-                self._send_error(rid, exc.status, exc.code, str(exc), exc.param)
-            except AttributeError as exc:
-                self._send_error(rid, 400, "unsupported",
-                                 f"this model's backend does not support {kind}: {exc}", None)
+                    if not hasattr(self.backend, "transcribe"):
+                        raise BadRequest("this model does not transcribe audio",
+                                         code="model_not_supported", param="model")
+                    self._send(rid, Result(data=self.backend.transcribe(req)))
+            except MeshError as exc:
+                self._send(rid, failed_from_error(exc))
             except OSError:
                 return  # the parent went away: nothing left to tell
             except Exception as exc:  # a backend bug: report it, keep serving
                 traceback.print_exc()
-                self._send_error(rid, 500, "backend_error", f"{type(exc).__name__}: {exc}", None)
+                self._send(rid, Failed(error="BackendError", code="backend_error",
+                                       message=f"{type(exc).__name__}: {exc}"))
             finally:
                 if not handed_off:
                     self.cancels.pop(rid, None)
 
     def _emitter(self, rid: int):
-        """Frame sender for a request that finishes on another thread: its final frame
-        (`done` or `error`) also forgets its cancel event."""
-        def emit(frame: dict[str, Any]) -> None:
-            if frame.get("type") in ("done", "error"):
+        """Event sender for a request that finishes on another thread: its final event
+        also forgets its cancel event."""
+        def emit(ev) -> None:
+            if isinstance(ev, TERMINAL):
                 self.cancels.pop(rid, None)
-            self.framer.send({"id": rid, **frame})
+            self.framer.send({"id": rid, "event": encode_event(ev)})
         return emit
 
-    def _send_error(self, rid, status, code, message, param) -> None:
+    def _send(self, rid: int, ev) -> None:
         try:
-            self.framer.send({"id": rid, "type": "error", "status": status, "code": code,
-                              "message": message, "param": param})
+            self.framer.send({"id": rid, "event": encode_event(ev)})
         except OSError:
             pass
 

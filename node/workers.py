@@ -2,12 +2,14 @@
 
 One worker process per loaded model (node/worker_main.py is the child). The parent listens
 on a Unix socket under `<home>/run/` created 0600, starts the child with the socket's path,
-and accepts its single connection. A reader task routes every frame to the request that
-owns its id (one unbounded memory channel per request, so a slow client never stalls the
-reader or other requests).
+and accepts its single connection. Requests and events are mesh/wire/inference.py's typed
+vocabulary (frames: node/worker_main.py's note). A reader task routes every event to the
+request that owns its id (one unbounded memory channel per request, so a slow client
+never stalls the reader or other requests).
 
 When the child dies (crash, OOM, `kill -9`) the socket reaches EOF: every in-flight request
-fails with WorkerDied (HTTP 503) and the child is started again after a short back-off.
+ends with a Failed(WorkerDied) event and the child is started again after a short back-off
+(node/processes.py).
 A request that arrives while the worker (re)starts waits for it to be ready, up to
 LOAD_TIMEOUT. Leaving a request early (client disconnect, cancellation) sends `cancel`
 to the child in a shielded `finally`, so generation stops at the next token.
@@ -23,7 +25,6 @@ import json
 import logging
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -34,27 +35,18 @@ from typing import Any, AsyncIterator, Callable
 
 import trio
 
-from mesh.errors import BadRequest, MeshError, NoCapacity, NotFound, Timeout, Unavailable, WorkerDied
-from node.frames import read_frame, pack
+from mesh.errors import BadMessage, BadRequest, MeshError, NoCapacity, NotFound, Unavailable, WorkerDied
+from mesh.wire.framing import FrameError, FrameReader, pack
+from mesh.wire.inference import (TERMINAL, Event, Failed, Request, decode_event,
+                                 encode_request)
+from node.processes import Backoff, terminate_process
 
 log = logging.getLogger("node.workers")
 
 ACCEPT_TIMEOUT = 30.0      # child start-up until it connects (imports only)
 LOAD_TIMEOUT = 600.0       # connect until `ready` (model load; big files on slow disks)
-STOP_GRACE = 2.0           # SIGTERM -> SIGKILL
-RESTART_BACKOFF = (0.2, 1.0, 3.0, 10.0)
 STATS_EVERY = 1.0          # the gossip tick: stats are as fresh as what peers see
 STATS_ID = -1              # reserved request id of the stats poll's replies
-
-
-class WorkerRequestError(MeshError):
-    """An error the backend reported for one request; status and code come from it."""
-
-    def __init__(self, frame: dict[str, Any]) -> None:
-        super().__init__(frame.get("message") or "backend error", param=frame.get("param"),
-                         code=frame.get("code"))
-        self.status = int(frame.get("status") or 500)
-        self.type = "invalid_request_error" if self.status < 500 else "server_error"
 
 
 @dataclass
@@ -99,6 +91,14 @@ class Worker:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    @property
+    def backend(self) -> str:
+        return self.spec.backend
+
+    @property
+    def slots(self) -> int:
+        return int(self.stats.get("slots") or self.info.get("slots") or 1)
+
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "backend": self.spec.backend, "state": self.state,
                 "error": self.error, "pid": self.pid, "restarts": self.restarts,
@@ -118,10 +118,9 @@ class Worker:
             raise Unavailable(f"model {self.id!r} is not available: {self.error or self.state}")
 
     @asynccontextmanager
-    async def request(self, op: str, **fields: Any) -> AsyncIterator[trio.MemoryReceiveChannel]:
-        """Send one request; yield the channel of its response frames.
-
-        Leaving the block before the final frame cancels the request in the worker."""
+    async def open(self, request: Request) -> AsyncIterator[AsyncIterator[Event]]:
+        """Send one request; yield the iterator of its events (it ends after the terminal
+        one). Leaving the block before that cancels the request in the worker."""
         if self.in_flight >= self.max_queue:
             raise NoCapacity(f"model {self.id!r} has {self.in_flight} requests queued; "
                              "try again later")
@@ -131,36 +130,26 @@ class Worker:
         self._pending[rid] = send
         finished = False
         try:
-            await self._send({"op": op, "id": rid, **fields})
+            await self._send({"op": "run", "id": rid, "request": encode_request(request)})
 
-            async def frames():
+            async def events() -> AsyncIterator[Event]:
                 nonlocal finished
-                async for frame in recv:
-                    if frame.get("type") in ("done", "result", "error", "died"):
-                        finished = True
-                    yield frame
+                async for ev in recv:
+                    finished = isinstance(ev, TERMINAL)
+                    yield ev
                     if finished:
                         return
 
-            yield frames()
+            yield events()
         finally:
             self._pending.pop(rid, None)
             if not finished and self._stream is not None:
                 with trio.CancelScope(shield=True):
                     with trio.move_on_after(1):
                         try:
-                            await self._send({"op": "cancel", "id": 0, "target": rid})
-                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                            await self._send({"op": "cancel", "target": rid})
+                        except MeshError:
                             pass
-
-    async def call(self, op: str, **fields: Any) -> Any:
-        """A request with one result frame."""
-        async with self.request(op, **fields) as frames:
-            async for frame in frames:
-                check_frame(frame, self.id)
-                if frame.get("type") == "result":
-                    return frame.get("data")
-        raise WorkerDied(f"the worker for {self.id!r} ended the request without a result")
 
     async def _send(self, obj: dict[str, Any]) -> None:
         stream = self._stream
@@ -172,10 +161,10 @@ class Worker:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise WorkerDied(f"the worker for {self.id!r} went away") from exc
 
-    def _fail_pending(self, message: str) -> None:
+    def _fail_pending(self, message: str, error: str = "WorkerDied") -> None:
         for send in list(self._pending.values()):
             try:
-                send.send_nowait({"type": "died", "message": message})
+                send.send_nowait(Failed(error=error, message=message))
             except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
 
@@ -183,11 +172,12 @@ class Worker:
     async def supervise(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the worker process, restarting it when it dies, until cancelled."""
         started = False
+        backoff = Backoff()
         with trio.CancelScope() as scope:
             self._cancel_scope = scope
             try:
                 while True:
-                    t0 = time.monotonic()
+                    backoff.started()
                     try:
                         await self._run_once(on_ready=(lambda: task_status.started(self))
                                              if not started else (lambda: None))
@@ -201,14 +191,11 @@ class Worker:
                             started = True
                         self._ready.set()
                         return
-                    # back off only while it keeps dying quickly
-                    quick = time.monotonic() - t0 < 60
-                    delay = RESTART_BACKOFF[min(self.restarts, len(RESTART_BACKOFF) - 1)] if quick else RESTART_BACKOFF[0]
                     self.restarts += 1
-                    await trio.sleep(delay)
+                    await backoff.wait()
             finally:
                 self.state = "stopped" if self.state != "failed" else self.state
-                self._fail_pending(f"model {self.id!r} was unloaded")
+                self._fail_pending(f"model {self.id!r} was unloaded", error="Unavailable")
                 self._ready.set()
                 self.on_change()
 
@@ -218,7 +205,7 @@ class Worker:
         while True:
             try:
                 await self._send({"op": "stats", "id": STATS_ID})
-            except WorkerDied:
+            except MeshError:
                 return
             await trio.sleep(STATS_EVERY)
 
@@ -242,6 +229,38 @@ class Worker:
         self.on_change()
 
     async def _run_once(self, on_ready: Callable[[], None]) -> None:
+        """One life of the child: listen, spawn, load, serve frames until it exits."""
+        listener, path = await self._listen()
+        self._ready = trio.Event() if self._ready.is_set() else self._ready
+        self.state = "loading"
+        self.on_change()
+        proc = await trio.lowlevel.open_process(self._command(path), stdin=subprocess.DEVNULL,
+                                                start_new_session=True)
+        self.pid = proc.pid
+        try:
+            stream = await self._handshake(listener, path, proc)
+            log.info("model %s loaded (pid %s)", self.id, proc.pid)
+            self.on_change()
+            on_ready()
+            try:
+                await self._serve_frames()
+            finally:
+                self._stream = None
+                await stream.aclose()
+            code = await proc.wait()
+            self.state, self.error = "loading", f"worker exited with status {code}; restarting"
+            self._ready = trio.Event()
+            log.warning("worker for %s exited (status %s); restarting", self.id, code)
+            self._fail_pending(f"the worker serving {self.id!r} died (status {code}); "
+                               "it is being restarted, retry the request")
+            self.on_change()
+        finally:
+            path.unlink(missing_ok=True)
+            with trio.CancelScope(shield=True):
+                await terminate_process(proc)
+
+    async def _listen(self) -> tuple[Any, Path]:
+        """A Unix socket only this user can connect to (0600, under a 0700 directory)."""
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.run_dir / f"{_safe(self.id)}.sock"
         path.unlink(missing_ok=True)
@@ -253,102 +272,71 @@ class Worker:
             os.umask(old)
         os.chmod(path, 0o600)
         listener.listen(1)
-        self._ready = trio.Event() if self._ready.is_set() else self._ready
-        self.state = "loading"
-        self.on_change()
-        cmd = [sys.executable, "-m", "node.worker_main", "--socket", str(path),
-               "--backend", self.spec.backend, "--model", self.spec.path,
-               "--config", json.dumps(self.spec.config)]
-        proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.DEVNULL,
-                                                start_new_session=True)
-        self.pid = proc.pid
+        return listener, path
+
+    def _command(self, path: Path) -> list[str]:
+        return [sys.executable, "-m", "node.worker_main", "--socket", str(path),
+                "--backend", self.spec.backend, "--model", self.spec.path,
+                "--config", json.dumps(self.spec.config)]
+
+    async def _handshake(self, listener, path: Path, proc: trio.Process) -> trio.SocketStream:
+        """Accept the child's connection and wait for `ready` (or its failure)."""
         try:
             with listener:
                 with trio.fail_after(ACCEPT_TIMEOUT):
                     sock, _ = await listener.accept()
-            path.unlink(missing_ok=True)
-            stream = trio.SocketStream(sock)
-            try:
-                with trio.fail_after(LOAD_TIMEOUT):
-                    first = await read_frame(stream)
-            except trio.TooSlowError:
-                raise _LoadFailed(f"the model did not load within {LOAD_TIMEOUT:.0f} s")
-            if first is None:
-                code = await proc.wait()
-                raise _LoadFailed(f"the worker exited with status {code} while loading")
-            if first.get("type") == "fatal":
-                raise _LoadFailed(first.get("error") or "load failed")
-            self.info = first.get("info") or {}
-            self._stream = stream
-            self.state, self.error = "loaded", None
-            self._ready.set()
-            log.info("model %s loaded (pid %s)", self.id, proc.pid)
-            self.on_change()
-            on_ready()
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._poll_stats)
-                    while True:
-                        try:
-                            frame = await read_frame(stream)
-                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
-                                ValueError):
-                            frame = None
-                        if frame is None:
-                            break
-                        if frame.get("id") == STATS_ID:
-                            self._take_stats(frame.get("data") or {})
-                            continue
-                        send = self._pending.get(frame.get("id"))
-                        if send is not None:
-                            send.send_nowait(frame)
-                    nursery.cancel_scope.cancel()
-            finally:
-                self._stream = None
-                await stream.aclose()
-            code = await proc.wait()
-            self.state, self.error = "loading", f"worker exited with status {code}; restarting"
-            self._ready = trio.Event()
-            log.warning("worker for %s exited (status %s); restarting", self.id, code)
-            self._fail_pending(f"the worker serving {self.id!r} died (status {code}); "
-                               "it is being restarted, retry the request")
-            self.on_change()
         except trio.TooSlowError:
-            raise _LoadFailed(f"the worker did not start within {ACCEPT_TIMEOUT:.0f} s")
-        finally:
-            path.unlink(missing_ok=True)
-            with trio.CancelScope(shield=True):
-                await terminate_process(proc)
+            raise _LoadFailed(f"the worker did not start within {ACCEPT_TIMEOUT:.0f} s") from None
+        path.unlink(missing_ok=True)
+        stream = trio.SocketStream(sock)
+        self._reader = FrameReader(stream)
+        try:
+            with trio.fail_after(LOAD_TIMEOUT):
+                first = await self._reader.read()
+        except trio.TooSlowError:
+            raise _LoadFailed(f"the model did not load within {LOAD_TIMEOUT:.0f} s") from None
+        except FrameError as exc:
+            raise _LoadFailed(f"the worker sent a bad frame while loading: {exc}") from exc
+        if first is None:
+            code = await proc.wait()
+            raise _LoadFailed(f"the worker exited with status {code} while loading")
+        if first.get("type") == "fatal":
+            raise _LoadFailed(first.get("error") or "load failed")
+        self.info = first.get("info") or {}
+        self._stream = stream
+        self.state, self.error = "loaded", None
+        self._ready.set()
+        return stream
+
+    async def _serve_frames(self) -> None:
+        """Route the child's frames to their requests until it hangs up."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._poll_stats)
+            while True:
+                try:
+                    frame = await self._reader.read()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                        FrameError):
+                    frame = None
+                if frame is None:
+                    break
+                rid = frame.get("id")
+                if rid == STATS_ID:
+                    self._take_stats(frame.get("stats") or {})
+                    continue
+                send = self._pending.get(rid)
+                if send is None:
+                    continue
+                try:
+                    ev = decode_event(frame.get("event"))
+                except BadMessage as exc:
+                    ev = Failed(error="BackendError", message=f"the worker sent {exc.message}")
+                send.send_nowait(ev)
+            nursery.cancel_scope.cancel()
 
 
 class _LoadFailed(Exception):
     pass
-
-
-def check_frame(frame: dict[str, Any], model_id: str) -> None:
-    """Raise the error a terminal frame carries, if any."""
-    kind = frame.get("type")
-    if kind == "error":
-        raise WorkerRequestError(frame)
-    if kind == "died":
-        raise WorkerDied(frame.get("message") or f"the worker for {model_id!r} died")
-
-
-async def terminate_process(proc: trio.Process) -> None:
-    if proc.returncode is not None:
-        return
-    try:
-        proc.send_signal(signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    with trio.move_on_after(STOP_GRACE):
-        await proc.wait()
-        return
-    try:
-        proc.kill()
-    except ProcessLookupError:
-        pass
-    await proc.wait()
 
 
 def _safe(name: str) -> str:
@@ -420,4 +408,4 @@ class WorkerPool:
         return [w.describe() for w in self.workers.values()]
 
 
-__all__ = ["ModelSpec", "Worker", "WorkerPool", "WorkerRequestError", "check_frame", "Timeout"]
+__all__ = ["ModelSpec", "Worker", "WorkerPool"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MESH = [sys.executable, "-m", "mesh.cli"]
+MESH = [sys.executable, "-m", "node.cli"]
 
 
 def models_dir() -> Path:

@@ -8,7 +8,7 @@ import click
 import pytest
 import yaml
 
-from mesh.cli import cli
+from node.cli import cli
 from tests.procs import REPO
 
 SCHEMA = REPO.parent / "shared" / "data" / "compose-spec.schema.json"

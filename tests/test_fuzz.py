@@ -5,7 +5,6 @@ model files), since the fuzzer may unload, remove, or create keys."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil

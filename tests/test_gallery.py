@@ -25,6 +25,7 @@ import yaml
 from gallery.catalog import GalleryEntry, load_index, parse_index, resolve
 from gallery.installer import Progress, install, is_installed
 from gallery.store import Store
+from api.errors import status_of
 from mesh.errors import BadRequest, ChecksumMismatch, Conflict, DiskFull, GalleryError, \
     ModelNotFound, NotFound
 
@@ -175,7 +176,7 @@ def test_resolve_unknown_suggests_close_names():
     with pytest.raises(ModelNotFound) as ei:
         resolve(index, "smolm2")
     assert ei.value.message == "unknown model 'smolm2'; did you mean: smollm2-135m-instruct?"
-    assert ei.value.status == 404
+    assert status_of(ei.value) == 404
     with pytest.raises(ModelNotFound, match="whisper-tiny.en"):
         resolve(index, "whisper-tiny")
     with pytest.raises(ModelNotFound, match="not in the gallery"):
@@ -348,7 +349,7 @@ def test_disk_full_is_refused_up_front(tmp_path, store):
     src.write_bytes(b"x")
     with pytest.raises(DiskFull) as ei:
         trio.run(install, entry(uri=src.as_uri(), sha=None, size=10**18), store)
-    assert ei.value.status == 507
+    assert status_of(ei.value) == 507
 
 
 # --------------------------------------------------------------------------- concurrency

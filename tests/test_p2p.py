@@ -23,9 +23,10 @@ import pytest
 import trio
 from pydantic import ValidationError
 
+from api.errors import status_of
 from mesh.errors import AdmissionDenied, BadRequest, PeerError
-from mesh.gossip import TOPIC
-from mesh.identity import IDENTITY_FILE, load_or_create_identity, peer_id_of
+from mesh.p2p.gossip import TOPIC
+from mesh.p2p.identity import IDENTITY_FILE, load_or_create_identity, peer_id_of
 from mesh.p2p import P2P, Stream, open_p2p
 from mesh.token import MeshKeys, Token, load_token, new_token, parse_token, store_token
 from mesh.view import (
@@ -39,7 +40,7 @@ from mesh.view import (
     Tick,
     apply,
 )
-from mesh.wire import BadMessage, ModelState, NodeState, open_sealed, seal
+from mesh.wire.state import BadMessage, ModelState, NodeState, open_sealed, seal
 
 DEADLINE = 30.0  # s per multi-node test; each takes 1-4 s
 
@@ -109,7 +110,7 @@ def test_token_parse_errors_are_readable(text: str, says: str) -> None:
     with pytest.raises(BadRequest) as e:
         parse_token(text)
     assert says in e.value.message
-    assert e.value.status == 400 and e.value.param == "token"
+    assert status_of(e.value) == 400 and e.value.param == "token"
 
 
 def test_token_typo_is_caught_by_checksum() -> None:
@@ -408,7 +409,7 @@ def test_token_bootstrap_and_peer_address_without_id(tmp_path: Path) -> None:
 
 def test_own_address_as_static_peer_is_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A token's bootstrap list may name the node that made it: that node must not dial itself."""
-    caplog.set_level(logging.DEBUG, logger="mesh.discovery")
+    caplog.set_level(logging.DEBUG, logger="mesh.p2p.discovery")
     token = parse_token(new_token())
     me = peer_id_of(load_or_create_identity(tmp_path / "s"))
     with socket.socket() as probe:

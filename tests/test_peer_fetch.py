@@ -25,9 +25,10 @@ import trio
 import yaml
 
 from gallery import GalleryEntry, Store
-from mesh.files import PROTOCOL, MeshFileFetcher, advertisement, candidates, make_handler
+from gallery.store import advertisement
+from mesh.files import PROTOCOL, MeshFileFetcher, candidates, make_handler
 from mesh.token import new_token, parse_token
-from node.frames import pack, read_frame
+from mesh.wire.framing import pack, read_frame
 from tests.procs import MeshNode, models_dir, run_cli
 from tests.test_mesh import eventually
 from tests.test_p2p import alive, node, run
@@ -66,7 +67,7 @@ def test_fetch_from_a_peer_and_refusals(tmp_path: Path) -> None:
     async def main() -> None:
         async with node(tmp_path, token, "a", extra=advertisement(store)) as a, \
                 node(tmp_path, token, "b", [a.addrs[0]]) as b:
-            a.set_handler(PROTOCOL, make_handler(store))
+            a.set_handler(PROTOCOL, make_handler(store.find_file_by_sha256, store.models_dir))
             assert await b.view.wait_for(alive(a), 8)
             assert [p.name for p in candidates(b.view, sha)] == ["a"]
             assert candidates(b.view, "0" * 64) == []          # a's list says it has not

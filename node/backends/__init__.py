@@ -1,12 +1,14 @@
-"""Backends run inside worker processes; each turns one request into frames."""
+"""Backends run inside worker processes; each turns one typed request into events."""
 
 from __future__ import annotations
 
 
-class RequestError(Exception):
-    """A request the backend refuses; carries the HTTP status and OpenAI error code."""
+from mesh.errors import BadRequest
 
-    def __init__(self, message: str, *, status: int = 400, code: str = "invalid_request",
+
+class RequestError(BadRequest):
+    """A request the backend refuses before any event (a BadRequest of the one tree)."""
+
+    def __init__(self, message: str, *, code: str = "invalid_request",
                  param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.param = status, code, param
+        super().__init__(message, code=code, param=param)

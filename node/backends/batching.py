@@ -86,9 +86,11 @@ from typing import Any, Callable
 import llama_cpp
 import numpy as np
 
+from mesh.wire.inference import Delta, Done, Failed, Usage
+
 log = logging.getLogger("node.backends.batching")
 
-Emit = Callable[[dict[str, Any]], None]
+Emit = Callable[[Any], None]     # takes a Delta | Done | Failed (mesh/wire/inference.py)
 
 PREFILL_CHUNK = 128        # prompt tokens per step while others generate: ~0.5 s for the
                            # 135M Q4_1 model on the 2-core test machine (~4 ms/token, no
@@ -348,8 +350,7 @@ class BatchScheduler:
             for j in gone:
                 self._queue.remove(j)
         for j in gone:
-            self._send(j, {"type": "done", "finish_reason": "cancelled",
-                           "usage": _usage(len(j.prompt), 0, 0)})
+            self._send(j, Done(finish_reason="cancelled", usage=_usage(len(j.prompt), 0, 0)))
 
     def _admit(self) -> None:
         while True:
@@ -443,7 +444,7 @@ class BatchScheduler:
         job.next_token = tok
         text, stopped = job.text.push(self._piece(tok))
         if text:
-            if not self._send(job, {"type": "delta", "text": text}):
+            if not self._send(job, Delta(text=text)):
                 self._finish(slot, "cancelled", quiet=True)
                 return
         if stopped:
@@ -468,9 +469,9 @@ class BatchScheduler:
         if flush and reason != "cancelled":
             text, _ = job.text.push(b"", final=True)
             if text:
-                self._send(job, {"type": "delta", "text": text})
-        self._send(job, {"type": "done", "finish_reason": reason,
-                         "usage": _usage(len(job.prompt), job.n_generated, job.n_cached)})
+                self._send(job, Delta(text=text))
+        self._send(job, Done(finish_reason=reason,
+                             usage=_usage(len(job.prompt), job.n_generated, job.n_cached)))
 
     def _fail(self, slot: Slot, message: str) -> None:
         job = slot.job
@@ -480,8 +481,7 @@ class BatchScheduler:
             job.chain = None
         llama_cpp.llama_memory_seq_rm(self.mem, slot.id, -1, -1)
         slot.cache.clear()
-        self._send(job, {"type": "error", "status": 500, "code": "backend_error",
-                         "message": message, "param": None})
+        self._send(job, Failed(error="BackendError", message=message, code="backend_error"))
 
     def _decode_failed(self, rc: int) -> None:
         log.error("llama_decode returned %d for a batch of %d tokens", rc, self.batch.n_tokens)
@@ -489,10 +489,10 @@ class BatchScheduler:
             if slot.job is not None:
                 self._fail(slot, f"llama_decode failed ({rc})")
 
-    def _send(self, job: Job, frame: dict[str, Any]) -> bool:
-        """Emit a frame; False when the other side is gone (the request is dropped)."""
+    def _send(self, job: Job, event: Delta | Done | Failed) -> bool:
+        """Emit an event; False when the other side is gone (the request is dropped)."""
         try:
-            job.emit(frame)
+            job.emit(event)
             return True
         except Exception as exc:  # OSError when the parent went away, or a frame error
             log.warning("dropping a request: cannot send its frame (%s)", exc)
@@ -525,7 +525,6 @@ def _runs(ids: set[int]) -> int:
     return sum(1 for i in ids if i - 1 not in ids)
 
 
-def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+def _usage(prompt: int, completion: int, cached: int) -> Usage:
+    return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                 total_tokens=prompt + completion, cached_tokens=cached)

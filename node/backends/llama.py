@@ -9,9 +9,9 @@ Generation runs on node/backends/batching.py: `parallel` slots (per-model config
 seq_id per slot, each slot limited to context_size tokens, as llama-server does), one
 scheduler thread batches every running request's next token with chunks of new prompts,
 and a slot's previous conversation is reused as a prompt cache. `submit` validates a
-request (errors raise RequestError before any frame is sent) and hands it over without
-blocking; the request then streams `delta` frames and ends with one `done` frame, or an
-`error` frame if llama.cpp fails. Setting the request's cancel event ends it with
+request (errors raise RequestError before any event is sent) and hands it over without
+blocking; the request then streams `Delta` events and ends with one `Done`, or a
+`Failed` if llama.cpp fails (mesh/wire/inference.py). Setting the request's cancel event ends it with
 finish_reason "cancelled" at the next step.
 
 Embeddings use a second llama context on the same file with mean pooling (a causal chat
@@ -33,13 +33,14 @@ from llama_cpp._internals import LlamaModel
 from llama_cpp._logger import set_verbose
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from mesh.wire.inference import Embed, Generate
 from node.backends import RequestError
 from node.backends.batching import BatchScheduler, Job, Sampling
 from node.rpc import split_params
 
 log = logging.getLogger("node.backends.llama")
 
-Emit = Callable[[dict[str, Any]], None]
+Emit = Callable[[Any], None]
 
 DEFAULT_CONTEXT = 2048     # per slot
 DEFAULT_PARALLEL = 4       # slots (llama-server's default when -np is not given)
@@ -87,25 +88,26 @@ class LlamaBackend:
         return self.scheduler.stats()
 
     # ------------------------------------------------------------ generation
-    def _prompt_tokens(self, req: dict[str, Any]) -> tuple[list[int], list[str]]:
-        if req["kind"] == "chat":
+    def _prompt_tokens(self, req: Generate) -> tuple[list[int], list[str]]:
+        if req.messages is not None:
             if self.formatter is None:
                 raise RequestError("this model has no chat template; use /v1/completions")
+            messages = [m.model_dump(exclude_none=True) for m in req.messages]
             try:
-                result = self.formatter(messages=req["messages"])
+                result = self.formatter(messages=messages)
             except Exception as exc:  # jinja raise_exception() from the template
                 raise RequestError(f"chat template rejected the messages: {exc}",
                                    param="messages") from exc
             toks = self.model.tokenize(result.prompt.encode("utf-8"),
                                        add_bos=not result.added_special, special=True)
             return toks, [self.eos_text] if self.eos_text else []
-        prompt = req["prompt"]
-        return self.model.tokenize(prompt.encode("utf-8"), add_bos=True, special=True), []
+        return self.model.tokenize((req.prompt or "").encode("utf-8"), add_bos=True,
+                                   special=True), []
 
-    def _job(self, req: dict[str, Any], emit: Emit, cancel: threading.Event) -> Job:
+    def _job(self, req: Generate, emit: Emit, cancel: threading.Event) -> Job:
         prompt, extra_stop = self._prompt_tokens(req)
         n_prompt = len(prompt)
-        param = "messages" if req["kind"] == "chat" else "prompt"
+        param = "messages" if req.chat else "prompt"
         if n_prompt == 0:
             raise RequestError("the prompt is empty", param=param)
         if n_prompt >= self.n_ctx:
@@ -114,34 +116,19 @@ class LlamaBackend:
                 f"messages resulted in {n_prompt} tokens.", code="context_length_exceeded",
                 param=param)
         room = self.n_ctx - n_prompt
-        max_tokens = req.get("max_tokens")
-        max_tokens = room if max_tokens is None else max(1, min(int(max_tokens), room))
-        p = {**self.defaults, **{k: v for k, v in req.items() if v is not None}}
-        return Job(prompt=prompt, max_tokens=max_tokens,
-                   stops=list(req.get("stop") or []) + extra_stop,
+        max_tokens = room if req.max_tokens is None else max(1, min(req.max_tokens, room))
+        p = {**self.defaults, **req.sampling.given()}
+        return Job(prompt=prompt, max_tokens=max_tokens, stops=list(req.stop) + extra_stop,
                    sampling=Sampling.from_params(p), emit=emit, cancel=cancel)
 
-    def submit(self, req: dict[str, Any], emit: Emit, cancel: threading.Event) -> None:
-        """Queue a generation and return at once; frames go to `emit` from the scheduler
+    def submit(self, req: Generate, emit: Emit, cancel: threading.Event) -> None:
+        """Queue a generation and return at once; events go to `emit` from the scheduler
         thread. Raises RequestError (nothing emitted) for a request that cannot run."""
         self.scheduler.submit(self._job(req, emit, cancel))
 
-    def generate(self, req: dict[str, Any], emit: Emit, cancel: threading.Event) -> None:
-        """Blocking form of `submit`: returns after the final frame."""
-        finished = threading.Event()
-
-        def relay(frame: dict[str, Any]) -> None:
-            try:
-                emit(frame)
-            finally:
-                if frame.get("type") in ("done", "error"):
-                    finished.set()
-
-        self.submit(req, relay, cancel)
-        finished.wait()
-
     # ------------------------------------------------------------ embeddings
-    def embed(self, inputs: list[str]) -> dict[str, Any]:
+    def embed(self, req: Embed) -> dict[str, Any]:
+        inputs = list(req.inputs)
         if not self.config.get("embeddings", True):
             raise RequestError("embeddings are disabled for this model", code="unsupported")
         with self._emb_lock:

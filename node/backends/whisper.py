@@ -15,6 +15,7 @@ from typing import Any
 
 from faster_whisper import WhisperModel
 
+from mesh.wire.inference import Transcribe
 from node.backends import RequestError
 
 
@@ -37,8 +38,8 @@ class WhisperBackend:
     def stats(self) -> dict[str, Any]:
         return {"busy": self.busy, "realtime_factor": round(self.realtime_factor, 2)}
 
-    def transcribe(self, audio: bytes, params: dict[str, Any]) -> dict[str, Any]:
-        language = params.get("language") or None
+    def transcribe(self, req: Transcribe) -> dict[str, Any]:
+        language = req.language or None
         if language and not self.model.model.is_multilingual and language != "en":
             raise RequestError(f"this model only transcribes English, not {language!r}",
                                param="language", code="unsupported_language")
@@ -48,9 +49,9 @@ class WhisperBackend:
             try:
                 try:
                     segments, info = self.model.transcribe(
-                        io.BytesIO(audio), language=language,
-                        temperature=float(params.get("temperature") or 0.0),
-                        initial_prompt=params.get("prompt") or None,
+                        io.BytesIO(req.audio), language=language,
+                        temperature=float(req.temperature),
+                        initial_prompt=req.prompt or None,
                         word_timestamps=False, vad_filter=False)
                     segs = [{"id": s.id, "seek": s.seek, "start": round(s.start, 3),
                              "end": round(s.end, 3), "text": s.text, "tokens": list(s.tokens),

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
-from mesh.cli.common import json_option, key_option, print_json, request, url_option
+from node.cli.common import json_option, key_option, print_json, request, url_option
 
 
 @click.command()

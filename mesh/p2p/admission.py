@@ -1,6 +1,6 @@
 """Peer admission: every connection proves knowledge of the mesh token before use.
 
-The pnet key check (mesh/host.py) already refuses connections from other meshes. This
+The pnet key check (mesh/p2p/host.py) already refuses connections from other meshes. This
 layer binds that proof to the Noise-authenticated peer ids, so a node can act on "this
 peer id is a member", and it is the gate every protocol handler goes through.
 

@@ -12,8 +12,8 @@ growing across restarts and receivers can drop stale or repeated states by seq a
 
 Receiving: a topic validator (runs before gossipsub relays anything) rejects, and
 counts in ``rejected``, messages that
-  - were forwarded by a peer that is not admitted (mesh/admission.py),
-  - do not open with the mesh's HMAC key, or have an unknown version (mesh/wire.py),
+  - were forwarded by a peer that is not admitted (mesh/p2p/admission.py),
+  - do not open with the mesh's HMAC key, or have an unknown version (mesh/wire/state.py),
   - claim a ``node_id`` other than the libp2p-signed sender (one member cannot speak
     for another; gossipsub's strict signing proves the sender).
 Rejected messages are neither delivered nor relayed.
@@ -46,7 +46,7 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
 from mesh.view import TICK
-from mesh.wire import BadMessage, NodeState, open_sealed, seal
+from mesh.wire.state import BadMessage, NodeState, open_sealed, seal
 
 __all__ = [
     "TOPIC", "TICK", "MIN_INTERVAL", "RATE_LIMIT", "open_pubsub", "StateValidator", "Publisher", "serve_subscriber",

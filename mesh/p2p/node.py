@@ -2,11 +2,11 @@
 
 ``open_p2p`` composes, in one nursery that it owns for the life of the block:
 
-    host        mesh/host.py       libp2p: TCP + pnet(token) + Noise + yamux, persistent identity
-    admission   mesh/admission.py  HMAC handshake on every connection; gate for every handler
-    gossip      mesh/gossip.py     our sealed NodeState every second and on notify_changed()
+    host        mesh/p2p/host.py       libp2p: TCP + pnet(token) + Noise + yamux, persistent identity
+    admission   mesh/p2p/admission.py  HMAC handshake on every connection; gate for every handler
+    gossip      mesh/p2p/gossip.py     our sealed NodeState every second and on notify_changed()
     view        mesh/view.py       membership from gossip, suspect/drop timers, RTT
-    discovery   mesh/discovery.py  static peers (re-dialed forever), mDNS (optional)
+    discovery   mesh/p2p/discovery.py  static peers (re-dialed forever), mDNS (optional)
 
 plus three small services of its own:
 
@@ -57,15 +57,15 @@ from libp2p.custom_types import TProtocol
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
-from mesh.admission import ADMIT_TIMEOUT, Admission, serve_admission
-from mesh.discovery import DIAL_TIMEOUT, open_mdns, serve_static_peer
+from mesh.p2p.admission import ADMIT_TIMEOUT, Admission, serve_admission
+from mesh.p2p.discovery import DIAL_TIMEOUT, open_mdns, serve_static_peer
 from mesh.errors import AdmissionDenied, MeshError, PeerError
-from mesh.gossip import Publisher, StateValidator, open_pubsub, serve_subscriber
-from mesh.host import SelfDial, _reason, _value, connect_addr, dial, open_host, split_peer_addr
-from mesh.identity import load_or_create_identity
+from mesh.p2p.gossip import Publisher, StateValidator, open_pubsub, serve_subscriber
+from mesh.p2p.host import SelfDial, _reason, _value, connect_addr, dial, open_host, split_peer_addr
+from mesh.p2p.identity import load_or_create_identity
 from mesh.token import Token
 from mesh.view import Connected, Disconnected, RttMeasured, StateSeen, Tick, View
-from mesh.wire import NodeState
+from mesh.wire.state import NodeState
 
 __all__ = ["P2P", "Stream", "open_p2p", "PING_PROTOCOL", "DIAL_TIMEOUT", "STREAM_OPEN_TIMEOUT"]
 
@@ -497,7 +497,7 @@ class P2P:
 def _quiet_libp2p_logs() -> None:
     # Importing libp2p sets its logger to WARNING with no handler, so without this its
     # expected-churn errors reach stderr through logging.lastResort.
-    # libp2p.network.auto_connector pins itself to INFO; it is stopped anyway (mesh/host.py).
+    # libp2p.network.auto_connector pins itself to INFO; it is stopped anyway (mesh/p2p/host.py).
     if not os.environ.get("LIBP2P_DEBUG"):
         for name in ("libp2p", "libp2p.network.auto_connector"):
             logging.getLogger(name).setLevel(logging.CRITICAL)

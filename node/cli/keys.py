@@ -8,7 +8,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from mesh.cli.common import json_option, key_option, print_json, request, url_option
+from node.cli.common import json_option, key_option, print_json, request, url_option
 
 
 @click.group()

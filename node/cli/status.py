@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from mesh.cli.common import json_option, key_option, print_json, request, url_option
+from node.cli.common import json_option, key_option, print_json, request, url_option
 
 
 def _gib(n) -> str:

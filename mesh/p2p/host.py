@@ -20,7 +20,7 @@ Settings and where their values come from (design brief, "What we learned", unle
   reconnects over a node's lifetime.
 - The swarm's AutoConnector is stopped once the host runs: below its watermarks it dials
   every peer in the peerstore (peers of other meshes, denied peers); we dial only static
-  peers, mDNS finds and gossiped members (mesh/discovery.py, mesh/p2p.py).
+  peers, mDNS finds and gossiped members (mesh/p2p/discovery.py, mesh/p2p/node.py).
 - ``disable_identify_address_discovery``: advertised addresses are the listen addresses
   (wildcards expanded to the machine's addresses), never what a peer says it saw.
 - Shutdown calls ``host.close()`` explicitly (bounded by ``SHUTDOWN_TIMEOUT``): leaving

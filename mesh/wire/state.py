@@ -30,7 +30,7 @@ from typing import Any, Literal
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mesh.errors import PeerError
+from mesh.errors import BadMessage
 
 __all__ = [
     "ENVELOPE_VERSION", "NODE_STATE_VERSION", "MAX_ENVELOPE_BYTES", "BadMessage",
@@ -44,12 +44,6 @@ _MAC_DOMAIN = b"mesh/state/1"
 _MAC_BYTES = 32
 # A state with ~100 models is ~20 KB; gossipsub's own inbound RPC cap is 1 MiB.
 MAX_ENVELOPE_BYTES = 256 * 1024
-
-
-class BadMessage(PeerError):
-    """A wire message that is malformed, of an unknown version, or not signed with our key."""
-
-    code = "bad_message"
 
 
 class _Wire(BaseModel):

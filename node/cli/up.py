@@ -31,7 +31,7 @@ from mesh.errors import MeshError
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def up(home, log_level, no_mdns, **flags) -> None:
     """Start a node: install and load its models, serve the OpenAI API, join the mesh."""
-    from mesh.config import load_config
+    from node.config import load_config
     from node.daemon import serve_node
 
     logging.basicConfig(level=log_level.upper(),

@@ -11,11 +11,11 @@ import sys
 
 import click
 
-from mesh.cli import keys as _keys
-from mesh.cli import models as _models
-from mesh.cli import up as _up
-from mesh.cli import status as _status
-from mesh.cli import token as _token
+from node.cli import keys as _keys
+from node.cli import models as _models
+from node.cli import up as _up
+from node.cli import status as _status
+from node.cli import token as _token
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

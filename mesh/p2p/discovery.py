@@ -6,7 +6,7 @@ dials it, waits while the peer is connected, and re-dials when it is not, foreve
 once after a connection that lasted ``STABLE_AFTER``, otherwise with exponential backoff
 from ``BACKOFF_START`` to ``BACKOFF_MAX`` (+-20% jitter so a restarted mesh does not dial
 in lockstep). An address may omit ``/p2p/<id>``: the id is
-learned from the Noise handshake (mesh/host.py ``connect_addr``). An address that turns
+learned from the Noise handshake (mesh/p2p/host.py ``connect_addr``). An address that turns
 out to be this node (a token's bootstrap list names its creator) ends its task.
 
 mDNS uses zeroconf directly rather than py-libp2p's ``enable_mDNS``: py-libp2p can name
@@ -36,7 +36,7 @@ from typing import Any
 import trio
 
 from mesh.errors import AdmissionDenied, MeshError
-from mesh.host import SelfDial
+from mesh.p2p.host import SelfDial
 
 __all__ = ["BACKOFF_START", "BACKOFF_MAX", "DIAL_TIMEOUT", "serve_static_peer", "open_mdns", "mdns_service_type"]
 

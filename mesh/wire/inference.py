@@ -1,0 +1,196 @@
+"""The inference vocabulary: what one request is, and what comes back, everywhere.
+
+Requests and events are frozen, strict pydantic models in tagged unions (field ``kind``).
+The same objects travel from the HTTP edge (api/, which translates a dialect's JSON into
+a request and events back into the dialect's chunks) through the router
+(mesh/router.py) to a local worker process (node/workers.py, msgpack frames) or to a
+peer (mesh/proxy.py, `/mesh/openai/2`) and back. Nothing below the API formats OpenAI
+objects or SSE.
+
+    Request  = Generate | Embed | Transcribe
+    Event    = Delta | Done | Result | Failed | Heartbeat
+
+A generation streams ``Delta`` (text) events and ends with one ``Done`` (finish reason,
+usage); embeddings and transcriptions end with one ``Result``; any request may end with
+``Failed`` (a typed error: the class name of mesh/errors.py's tree, message, param,
+code). ``Heartbeat`` is only ever sent by a serving peer to say "still working"
+(mesh/proxy.py); the router never passes it on.
+
+Versioning: ``VERSION`` is the vocabulary's major version, carried in every frame that
+holds a request (``{"v": VERSION, "request": ...}``); a receiver refuses a major it does
+not know. Minor additions are new optional fields with defaults (unknown fields are
+ignored), so an older node reads a newer node's request as long as it does not need the
+new field. Fields whose meaning a node cannot honour must not be added as optional
+"hints": the API refuses what it cannot do (issue: no parameter silently ignored).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from mesh import errors
+
+__all__ = ["VERSION", "Sampling", "Message", "Generate", "Embed", "Transcribe", "Request",
+           "Usage", "Delta", "Done", "Result", "Failed", "Heartbeat", "Event",
+           "encode_request", "decode_request", "encode_event", "decode_event",
+           "failed_from_error", "error_from_failed", "feature_of", "TERMINAL"]
+
+VERSION = 2       # matches the proxy protocol's version: /mesh/openai/2
+
+
+class _Wire(BaseModel):
+    # strict: no silent coercion; an int is accepted where a float is expected (msgpack).
+    model_config = ConfigDict(frozen=True, strict=True, extra="ignore")
+
+
+# ------------------------------------------------------------------ requests
+class Sampling(_Wire):
+    """Sampler settings; None means the model's default (its model.yaml, then llama.cpp's)."""
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repeat_penalty: float | None = Field(None, gt=0)
+
+    def given(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class Message(_Wire):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str = ""
+    name: str | None = None
+
+
+class Generate(_Wire):
+    """A chat turn (``messages``) or a raw completion (``prompt``): exactly one of them."""
+
+    kind: Literal["generate"] = "generate"
+    model: str
+    messages: tuple[Message, ...] | None = Field(None, strict=False)   # msgpack sends lists
+    prompt: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    stop: tuple[str, ...] = Field((), strict=False)
+    sampling: Sampling = Field(default_factory=Sampling)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "Generate":
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("a Generate request has either messages or a prompt")
+        return self
+
+    @property
+    def chat(self) -> bool:
+        return self.messages is not None
+
+
+class Embed(_Wire):
+    kind: Literal["embed"] = "embed"
+    model: str
+    inputs: tuple[str, ...] = Field(min_length=1, strict=False)
+
+
+class Transcribe(_Wire):
+    kind: Literal["transcribe"] = "transcribe"
+    model: str
+    audio: bytes
+    language: str | None = None
+    prompt: str | None = None
+    temperature: float = Field(0.0, ge=0, le=1)
+
+
+Request = Annotated[Union[Generate, Embed, Transcribe], Field(discriminator="kind")]
+_REQUEST = TypeAdapter(Request)
+
+BACKEND_OF = {"generate": "llama", "embed": "llama", "transcribe": "whisper"}
+
+
+def feature_of(req: Generate | Embed | Transcribe) -> str:
+    """The API-key feature a request needs (mesh/keys.py FEATURES)."""
+    if isinstance(req, Generate):
+        return "chat" if req.chat else "completions"
+    return "embeddings" if isinstance(req, Embed) else "audio"
+
+
+# -------------------------------------------------------------------- events
+class Usage(_Wire):
+    prompt_tokens: int = Field(0, ge=0)
+    completion_tokens: int = Field(0, ge=0)
+    total_tokens: int = Field(0, ge=0)
+    cached_tokens: int = Field(0, ge=0)
+
+
+class Delta(_Wire):
+    kind: Literal["delta"] = "delta"
+    text: str
+
+
+class Done(_Wire):
+    kind: Literal["done"] = "done"
+    finish_reason: str = "stop"        # stop | length | cancelled
+    usage: Usage = Field(default_factory=Usage)
+
+
+class Result(_Wire):
+    kind: Literal["result"] = "result"
+    data: dict[str, Any]
+
+
+class Failed(_Wire):
+    kind: Literal["failed"] = "failed"
+    error: str = "MeshError"           # a class name of mesh/errors.py
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
+class Heartbeat(_Wire):
+    kind: Literal["heartbeat"] = "heartbeat"
+
+
+Event = Annotated[Union[Delta, Done, Result, Failed, Heartbeat], Field(discriminator="kind")]
+_EVENT = TypeAdapter(Event)
+TERMINAL = (Done, Result, Failed)
+
+
+# -------------------------------------------------------------------- codecs
+def encode_request(req: Generate | Embed | Transcribe) -> dict[str, Any]:
+    return req.model_dump(mode="python")
+
+
+def decode_request(obj: Any) -> Generate | Embed | Transcribe:
+    """A request from the wire; a malformed one is BadRequest naming the field."""
+    try:
+        return _REQUEST.validate_python(obj)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        loc = ".".join(str(x) for x in e["loc"])
+        raise errors.BadRequest(f"invalid request: {loc}: {e['msg']}", param=loc or None) from exc
+
+
+def encode_event(ev: Delta | Done | Result | Failed | Heartbeat) -> dict[str, Any]:
+    return ev.model_dump(mode="python")
+
+
+def decode_event(obj: Any) -> Delta | Done | Result | Failed | Heartbeat:
+    try:
+        return _EVENT.validate_python(obj)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        raise errors.BadMessage(f"invalid event: {'.'.join(map(str, e['loc']))}: {e['msg']}") from exc
+
+
+def failed_from_error(exc: errors.MeshError) -> Failed:
+    return Failed(error=errors.name_of(exc), message=exc.message, param=exc.param, code=exc.code)
+
+
+def error_from_failed(ev: Failed) -> errors.MeshError:
+    """The MeshError a Failed event stands for (an unknown class name: the root)."""
+    cls = errors.by_name(ev.error)
+    return cls(ev.message, param=ev.param, code=ev.code)
