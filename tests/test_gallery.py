@@ -336,7 +336,7 @@ def test_remove_while_installing_is_a_conflict(tmp_path, store):
     trio.run(install, entry(uri=src.as_uri()), store)
 
     async def main():
-        from gallery.installer import _locked
+        from gallery.transfer import _locked
         async with _locked(store.lock_path("blob")):
             with pytest.raises(Conflict):
                 store.remove("blob")
@@ -405,7 +405,7 @@ def test_cancelled_install_resumes_later(server, store):
 
 
 def test_waiting_for_the_lock_is_cancellable(tmp_path, store):
-    from gallery.installer import _acquire_flock, _locked
+    from gallery.transfer import _acquire_flock, _locked
     src = tmp_path / "src.bin"
     src.write_bytes(BLOB)
     seen: list[Progress] = []
