@@ -85,7 +85,7 @@ def test_plaintext_and_wrong_token_peers_are_refused(mesh):
     from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
     from multiaddr import Multiaddr
 
-    from mesh.p2p.host import PnetTCP
+    from mesh.p2p.pnet import PnetTCP
     from mesh.token import parse_token
 
     results = {}

@@ -48,13 +48,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import multiaddr
 import trio
 from libp2p.custom_types import TProtocol
-from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
 from mesh.p2p.admission import ADMIT_TIMEOUT, Admission, serve_admission
@@ -65,6 +63,7 @@ from mesh.p2p.host import SelfDial, _reason, _value, connect_addr, dial, open_ho
 from mesh.p2p.identity import load_or_create_identity
 from mesh.token import Token
 from mesh.view import Connected, Disconnected, RttMeasured, StateSeen, Tick, View
+from mesh.p2p.stream import Stream
 from mesh.wire.state import NodeState
 
 __all__ = ["P2P", "Stream", "open_p2p", "PING_PROTOCOL", "DIAL_TIMEOUT", "STREAM_OPEN_TIMEOUT"]
@@ -79,91 +78,6 @@ REDIAL_INTERVAL = 5.0        # s between two dials of one gossiped / mDNS-found 
 TICK_INTERVAL = 0.5          # s between view clock ticks
 MISMATCH_WARN_EVERY = 60.0   # s; one warning per address, as a wrong-token peer retries forever
 _PING_BYTES = 8
-
-
-class Stream:
-    """A bidirectional byte stream to one peer over one protocol.
-
-    Always end it with ``close()`` or ``reset()`` (or use ``async with``): that is what
-    releases it in py-libp2p's accounting (10,000 streams per host).
-    """
-
-    def __init__(self, net_stream: Any, peer_id: str, protocol: str) -> None:
-        self._s = net_stream
-        self.peer_id = peer_id
-        self.protocol = protocol
-        self._eof = False
-        self._closed = False
-        self._reset = False
-
-    async def read(self, max_bytes: int = 65536) -> bytes:
-        """Up to ``max_bytes`` bytes; b"" once the peer has closed its side."""
-        if self._eof:
-            return b""
-        try:
-            data = await self._s.read(max_bytes)
-        except StreamEOF:
-            data = b""
-        except Exception as exc:
-            raise PeerError(f"stream from {self.peer_id[-8:]} broke: {_reason(exc)}") from exc
-        if not data:
-            self._eof = True
-        return data
-
-    async def read_exactly(self, n: int) -> bytes:
-        """Exactly ``n`` bytes; PeerError if the stream ends first."""
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = await self.read(n - len(buf))
-            if not chunk:
-                raise PeerError(f"stream from {self.peer_id[-8:]} ended after {len(buf)} of {n} bytes")
-            buf += chunk
-        return bytes(buf)
-
-    async def write(self, data: bytes) -> None:
-        try:
-            await self._s.write(data)
-        except Exception as exc:
-            raise PeerError(f"stream to {self.peer_id[-8:]} broke: {_reason(exc)}") from exc
-
-    async def close(self) -> None:
-        """Half-close and release: the peer reads EOF; what it still sends can be read."""
-        if self._closed or self._reset:
-            return
-        self._closed = True
-        with trio.CancelScope(shield=True):
-            try:
-                await self._s.close()  # py-libp2p: FIN on the write side + release; reads go on
-            except Exception as exc:
-                log.debug("closing a stream to %s: %r", self.peer_id, exc)
-
-    aclose = close
-
-    async def reset(self) -> None:
-        """Abort both directions at once."""
-        if self._reset:
-            return
-        self._reset = True
-        with trio.CancelScope(shield=True):
-            try:
-                await self._s.reset()
-            except Exception:
-                pass
-
-    @property
-    def ended(self) -> bool:
-        """Closed or reset by us."""
-        return self._closed or self._reset
-
-    async def __aenter__(self) -> Stream:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        if exc_type is None:
-            await self.close()
-        else:
-            await self.reset()
 
 
 class _Mismatches:
