@@ -92,9 +92,6 @@ def libs() -> _Libs:
     rpc.ggml_backend_rpc_add_server.argtypes, rpc.ggml_backend_rpc_add_server.restype = [cp], vp
     rpc.ggml_backend_rpc_start_server.argtypes = [cp, cp, sz, sz, ctypes.POINTER(vp)]
     rpc.ggml_backend_rpc_start_server.restype = None
-    rpc.ggml_backend_rpc_get_device_memory.argtypes = [cp, ctypes.c_uint32, ctypes.POINTER(sz),
-                                                       ctypes.POINTER(sz)]
-    rpc.ggml_backend_rpc_get_device_memory.restype = None
     _LIBS = _Libs(ggml, rpc)
     return _LIBS
 
@@ -162,14 +159,6 @@ def split_params(mparams: Any, config: dict[str, Any]) -> SplitHandle | None:
     if not config.get("rpc_output_remote"):    # bench: the default placement, for comparison
         mparams.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
     return SplitHandle(endpoints, ts, overrides)
-
-
-def device_memory(endpoint: str, device: int = 0) -> tuple[int, int]:
-    """(free, total) bytes the RPC server reports for a device (its host RAM, for CPU)."""
-    free, total = ctypes.c_size_t(), ctypes.c_size_t()
-    libs().rpc.ggml_backend_rpc_get_device_memory(endpoint.encode(), device, ctypes.byref(free),
-                                                  ctypes.byref(total))
-    return free.value, total.value
 
 
 # ---------------------------------------------------------------- server process
