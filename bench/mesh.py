@@ -2,7 +2,7 @@
 
 One run, two real nodes on 127.0.0.1 with one token: A serves SmolLM2, B serves nothing.
   direct   = streaming chat to A
-  proxied  = the same request to B, which relays it to A over /mesh/openai/1
+  proxied  = the same request to B, which relays it to A over /mesh/openai/2 (typed request and events)
 Rounds alternate direct/proxied; medians of time-to-first-token and decode tokens/s are
 printed with the ratio proxied/direct. Then gossip convergence: A loads a second model
 (`mesh load`) and we time until B's /v1/models lists it (and unload -> gone).
