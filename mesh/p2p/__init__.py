@@ -4,6 +4,7 @@
     host        the libp2p host: TCP + pnet + Noise only + yamux, and its settings
     pnet        the private network: a token-keyed TCP transport with a key check
     stream      ``Stream``: a libp2p stream with EOF, errors and release made safe
+    ping        ``/mesh/ping/1`` RTT samples for the view
     admission   the HMAC challenge-response every connection passes; handler gate
     gossip      gossipsub ``mesh/state/1`` with our settings and a validator
     identity    the persisted Ed25519 node key

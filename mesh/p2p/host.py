@@ -346,3 +346,18 @@ def _reason(exc: BaseException) -> str:
             msgs.append(str(e))
         e = e.__cause__ or e.__context__
     return msgs[-1] if msgs else type(exc).__name__
+
+
+async def resolve_dns(addr: str) -> str:
+    """`/dns4/host/tcp/N/...` -> `/ip4/<address>/tcp/N/...` (libp2p's TCP dials IPs only)."""
+    parts = addr.split("/")
+    if len(parts) < 3 or parts[1] not in ("dns", "dns4", "dns6"):
+        return addr
+    family = {"dns4": socket.AF_INET, "dns6": socket.AF_INET6}.get(parts[1], socket.AF_UNSPEC)
+    try:
+        infos = await trio.socket.getaddrinfo(parts[2], None, family=family, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise PeerError(f"cannot resolve {parts[2]!r} in {addr}: {exc}") from exc
+    fam, *_, sockaddr = infos[0]
+    parts[1:3] = ["ip6" if fam == socket.AF_INET6 else "ip4", sockaddr[0]]
+    return "/".join(parts)

@@ -11,7 +11,7 @@
 plus three small services of its own:
 
 - pings: one ``/mesh/ping/1`` stream per admitted peer, an 8-byte echo every
-  ``PING_INTERVAL`` (2 s), feeding the view's RTT.
+  ``PING_INTERVAL`` (2 s), feeding the view's RTT (mesh/p2p/ping.py).
 - dials: peers we learn about from gossip or mDNS are dialed (at most once per
   ``REDIAL_INTERVAL`` each), so a mesh bootstrapped through one static peer becomes
   fully connected and the router's first stream to any member finds a live connection.
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -59,10 +58,12 @@ from mesh.p2p.admission import ADMIT_TIMEOUT, Admission, serve_admission
 from mesh.p2p.discovery import DIAL_TIMEOUT, open_mdns, serve_static_peer
 from mesh.errors import AdmissionDenied, MeshError, PeerError
 from mesh.p2p.gossip import Publisher, StateValidator, open_pubsub, serve_subscriber
-from mesh.p2p.host import SelfDial, _reason, _value, connect_addr, dial, open_host, split_peer_addr
+from mesh.p2p.host import (SelfDial, _reason, _value, connect_addr, dial, open_host, resolve_dns,
+                           split_peer_addr)
 from mesh.p2p.identity import load_or_create_identity
 from mesh.token import Token
-from mesh.view import Connected, Disconnected, RttMeasured, StateSeen, Tick, View
+from mesh.view import Connected, Disconnected, StateSeen, Tick, View
+from mesh.p2p.ping import PING_PROTOCOL, handle_ping, serve_pings
 from mesh.p2p.stream import Stream
 from mesh.wire.state import NodeState
 
@@ -70,14 +71,10 @@ __all__ = ["P2P", "Stream", "open_p2p", "PING_PROTOCOL", "DIAL_TIMEOUT", "STREAM
 
 log = logging.getLogger(__name__)
 
-PING_PROTOCOL = "/mesh/ping/1"
-PING_INTERVAL = 2.0          # s between RTT samples per peer
-PING_TIMEOUT = 2.0           # s; a LAN round trip is ~1 ms
 STREAM_OPEN_TIMEOUT = 5.0    # s for multistream negotiation of a new stream
 REDIAL_INTERVAL = 5.0        # s between two dials of one gossiped / mDNS-found peer
 TICK_INTERVAL = 0.5          # s between view clock ticks
 MISMATCH_WARN_EVERY = 60.0   # s; one warning per address, as a wrong-token peer retries forever
-_PING_BYTES = 8
 
 
 class _Mismatches:
@@ -356,46 +353,6 @@ class P2P:
                 in_flight.add(pid)
                 nursery.start_soon(one, pid, addrs)
 
-    async def _serve_pings(self) -> None:
-        pinging: set[str] = set()
-
-        async def pinger(peer: str) -> None:
-            pid = ID.from_base58(peer)
-            try:
-                while self._connected(pid) and self._admission.is_admitted(pid):
-                    try:
-                        async with await self.open_stream(peer, PING_PROTOCOL) as s:
-                            while True:
-                                payload = os.urandom(_PING_BYTES)
-                                t0 = trio.current_time()
-                                await s.write(payload)
-                                with trio.fail_after(PING_TIMEOUT):
-                                    echo = await s.read_exactly(_PING_BYTES)
-                                if echo != payload:
-                                    raise PeerError("ping echo mismatch")
-                                self.view.apply(RttMeasured(peer, (trio.current_time() - t0) * 1000.0))
-                                await trio.sleep(PING_INTERVAL)
-                    except (MeshError, trio.TooSlowError) as exc:
-                        log.debug("ping %s: %s", peer, exc)
-                    await trio.sleep(PING_INTERVAL)
-            finally:
-                pinging.discard(peer)
-
-        async with trio.open_nursery() as nursery:
-            async for peer in self._admitted_recv:
-                if peer not in pinging:
-                    pinging.add(peer)
-                    nursery.start_soon(pinger, peer)
-
-    @staticmethod
-    async def _handle_ping(stream: Stream, peer: str) -> None:
-        while True:
-            try:
-                data = await stream.read_exactly(_PING_BYTES)
-            except PeerError:
-                return
-            await stream.write(data)
-
     async def _serve_mdns(self) -> None:
         ports = [a.value_for_protocol("tcp") for a in self._host.get_transport_addrs()]
         try:
@@ -422,21 +379,6 @@ def _sole_exception(eg: BaseExceptionGroup) -> BaseException | None:  # type: ig
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return None if isinstance(exc, BaseExceptionGroup) else exc
-
-
-async def resolve_dns(addr: str) -> str:
-    """`/dns4/host/tcp/N/...` -> `/ip4/<address>/tcp/N/...` (libp2p's TCP dials IPs only)."""
-    parts = addr.split("/")
-    if len(parts) < 3 or parts[1] not in ("dns", "dns4", "dns6"):
-        return addr
-    family = {"dns4": socket.AF_INET, "dns6": socket.AF_INET6}.get(parts[1], socket.AF_UNSPEC)
-    try:
-        infos = await trio.socket.getaddrinfo(parts[2], None, family=family, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise PeerError(f"cannot resolve {parts[2]!r} in {addr}: {exc}") from exc
-    fam, *_, sockaddr = infos[0]
-    parts[1:3] = ["ip6" if fam == socket.AF_INET6 else "ip4", sockaddr[0]]
-    return "/".join(parts)
 
 
 @asynccontextmanager
@@ -487,13 +429,13 @@ async def _running_p2p(*, home: Path, token: Token, name: str, listen_host: str,
                 publisher = Publisher(pubsub, hmac_key=token.keys.hmac_key, state=state,
                                       node_id=p2p.peer_id, addrs=lambda: p2p.addrs)
                 p2p._publisher = publisher
-                p2p.set_handler(PING_PROTOCOL, P2P._handle_ping)
+                p2p.set_handler(PING_PROTOCOL, handle_ping)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(serve_subscriber, pubsub, p2p._validator, p2p._on_state)
                     nursery.start_soon(publisher.serve)
                     nursery.start_soon(p2p._serve_ticks)
                     nursery.start_soon(p2p._serve_dials)
-                    nursery.start_soon(p2p._serve_pings)
+                    nursery.start_soon(serve_pings, p2p)
                     for addr in dict.fromkeys([*token.bootstrap, *peers]):
                         await nursery.start(partial(serve_static_peer, addr, connect=p2p.connect,
                                                     is_connected=p2p.is_connected, changed=p2p._changed_event))
