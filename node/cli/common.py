@@ -19,6 +19,11 @@ key_option = click.option("--key", default=lambda: os.environ.get("MESH_API_KEY"
                           show_default="$MESH_API_KEY", help="API key (admin for management).")
 
 
+def node_options(f):
+    """--url, --key and --json: what every verb that talks to a node takes."""
+    return url_option(key_option(json_option(f)))
+
+
 def request(method: str, url: str, path: str, *, key: str | None = None,
             timeout: float = 30.0, **kw: Any) -> Any:
     """One call to a node's API; any failure becomes one readable line."""

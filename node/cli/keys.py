@@ -8,7 +8,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from node.cli.common import json_option, key_option, print_json, request, url_option
+from node.cli.common import node_options, print_json, request
 
 
 @click.group()
@@ -20,9 +20,7 @@ def keys() -> None:
 @click.option("--name", required=True, help="A name to recognise the key by.")
 @click.option("--features", required=True,
               help="Comma-separated: chat,completions,embeddings,audio,models,admin.")
-@url_option
-@key_option
-@json_option
+@node_options
 def create(name, features, url, key, as_json) -> None:
     """Create a key; it is printed once, as the last word of the last line."""
     out = request("POST", url, "/mesh/keys", key=key,
@@ -42,9 +40,7 @@ def _when(ts) -> str:
 
 
 @keys.command("list")
-@url_option
-@key_option
-@json_option
+@node_options
 def list_(url, key, as_json) -> None:
     """List keys: names, features, created, last used here (never the secret)."""
     data = request("GET", url, "/mesh/keys", key=key)["data"]
@@ -62,9 +58,7 @@ def list_(url, key, as_json) -> None:
 
 @keys.command()
 @click.argument("name")
-@url_option
-@key_option
-@json_option
+@node_options
 def revoke(name, url, key, as_json) -> None:
     """Revoke a key mesh-wide."""
     out = request("DELETE", url, f"/mesh/keys/{name}", key=key)

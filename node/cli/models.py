@@ -10,13 +10,11 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
-from node.cli.common import json_option, key_option, print_json, request, url_option
+from node.cli.common import node_options, print_json, request
 
 
 @click.command()
-@url_option
-@key_option
-@json_option
+@node_options
 def gallery(url, key, as_json) -> None:
     """List the models the gallery can install."""
     data = request("GET", url, "/mesh/gallery", key=key)["data"]
@@ -58,9 +56,7 @@ def _follow(url: str, key: str | None, job: dict, quiet: bool) -> dict:
 @click.command()
 @click.argument("model_id")
 @click.option("--load", is_flag=True, help="Load it once installed.")
-@url_option
-@key_option
-@json_option
+@node_options
 def install(model_id, load, url, key, as_json) -> None:
     """Install a model from the gallery onto the node, with a progress bar."""
     job = request("POST", url, "/mesh/models/install", key=key, json={"id": model_id, "load": load})
@@ -75,9 +71,7 @@ def install(model_id, load, url, key, as_json) -> None:
 
 
 @click.command()
-@url_option
-@key_option
-@json_option
+@node_options
 def models(url, key, as_json) -> None:
     """List models installed and loaded on the node, and served across the mesh."""
     data = request("GET", url, "/mesh/models", key=key)
@@ -104,9 +98,7 @@ def models(url, key, as_json) -> None:
 @click.command()
 @click.argument("model_id")
 @click.option("--split", is_flag=True, help="Spread it over peers that lend memory.")
-@url_option
-@key_option
-@json_option
+@node_options
 def load(model_id, split, url, key, as_json) -> None:
     """Load an installed model on the node."""
     m = request("POST", url, "/mesh/models/load", key=key, timeout=900,
@@ -123,9 +115,7 @@ def load(model_id, split, url, key, as_json) -> None:
 
 @click.command()
 @click.argument("model_id")
-@url_option
-@key_option
-@json_option
+@node_options
 def unload(model_id, url, key, as_json) -> None:
     """Unload a model (its worker process stops)."""
     m = request("POST", url, "/mesh/models/unload", key=key, json={"id": model_id})
@@ -134,9 +124,7 @@ def unload(model_id, url, key, as_json) -> None:
 
 @click.command()
 @click.argument("model_id")
-@url_option
-@key_option
-@json_option
+@node_options
 def remove(model_id, url, key, as_json) -> None:
     """Delete an installed model's files from the node."""
     m = request("DELETE", url, f"/mesh/models/{model_id}", key=key)

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from node.cli.common import json_option, key_option, print_json, request, url_option
+from node.cli.common import node_options, print_json, request
 
 
 def _gib(n) -> str:
@@ -58,9 +58,7 @@ def render(status: dict) -> Group:
 
 
 @click.command()
-@url_option
-@key_option
-@json_option
+@node_options
 @click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
 def status(url, key, as_json, watch) -> None:
     """Show every node of the mesh, what it has loaded and what it has free."""
