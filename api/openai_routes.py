@@ -29,16 +29,18 @@ from api.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, Transc
 from mesh.errors import BadRequest, MeshError, ModelNotFound, UnsupportedMedia
 from mesh.router import Call
 from mesh.wire.inference import (Delta, Done, Embed, Failed, Generate, Message, Result,
-                                 Sampling, Transcribe, Usage, error_from_failed)
+                                 Sampling, TokenLogprob, Transcribe, Usage, error_from_failed)
+from mesh.wire.inference import ResponseFormat as Constraint
+from mesh.wire.schema import check_schema
 
 bp = Blueprint("openai", __name__)
 
 # Fields of OpenAI's request schemas that are accepted by OpenAI and not (yet) honoured
 # here; a request that sets one to anything but its neutral value is refused naming it.
 UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
-                    "response_format", "logprobs", "top_logprobs", "logit_bias", "audio",
-                    "modalities", "prediction", "web_search_options", "reasoning_effort")
-UNSUPPORTED_COMPLETION = ("logprobs", "logit_bias", "best_of", "suffix")
+                    "logit_bias", "audio", "modalities", "prediction", "web_search_options",
+                    "reasoning_effort")
+UNSUPPORTED_COMPLETION = ("logit_bias", "best_of", "suffix")
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}),
     "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
@@ -114,7 +116,7 @@ def _stream(call: Call, chunk: Chunk, first: dict[str, Any] | None,
                 yield sse(first)
             async for ev in call.events():
                 if isinstance(ev, Delta):
-                    yield sse(chunk(ev.text, None))
+                    yield sse(chunk(ev.text, None, logprobs=ev.logprobs))
                 elif isinstance(ev, Done):
                     yield sse(chunk(None, ev.finish_reason))
                     if include_usage:
@@ -128,14 +130,16 @@ def _stream(call: Call, chunk: Chunk, first: dict[str, Any] | None,
     return sse_response(body(), headers=_headers(call))
 
 
-async def _collect(call: Call) -> tuple[str, str, Usage]:
+async def _collect(call: Call) -> tuple[str, str, Usage, list[TokenLogprob]]:
     text: list[str] = []
+    lps: list[TokenLogprob] = []
     try:
         async for ev in call.events():
             if isinstance(ev, Delta):
                 text.append(ev.text)
+                lps.extend(ev.logprobs)
             elif isinstance(ev, Done):
-                return "".join(text), ev.finish_reason, ev.usage
+                return "".join(text), ev.finish_reason, ev.usage, lps
             elif isinstance(ev, Failed):
                 raise error_from_failed(ev)
     finally:
@@ -145,6 +149,36 @@ async def _collect(call: Call) -> tuple[str, str, Usage]:
 
 def _sampling(req) -> Sampling:
     return Sampling(**req.sampling())
+
+
+def _constraint(rf) -> Constraint | None:
+    """`response_format` as the worker's constraint; a schema outside the enforced subset
+    (mesh/wire/schema.py) is a 400 naming the keyword."""
+    if rf is None or rf.type == "text":
+        return None
+    if rf.type == "json_object":
+        return Constraint(type="json_object")
+    schema = rf.json_schema.schema_ if rf.json_schema.schema_ is not None else {}
+    check_schema(schema)
+    return Constraint(type="json_schema", json_schema=schema)
+
+
+def _chat_logprobs(lps) -> dict[str, Any]:
+    return {"content": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes),
+                         "top_logprobs": [{"token": x.token, "logprob": x.logprob,
+                                           "bytes": list(x.bytes)} for x in t.top]}
+                        for t in lps], "refusal": None}
+
+
+def _completion_logprobs(lps, offset: int) -> dict[str, Any]:
+    """The legacy completions shape; text_offset counts from `offset` characters."""
+    offsets = []
+    for t in lps:
+        offsets.append(offset)
+        offset += len(t.token)
+    return {"tokens": [t.token for t in lps], "token_logprobs": [t.logprob for t in lps],
+            "top_logprobs": [{x.token: x.logprob for x in t.top} for t in lps],
+            "text_offset": offsets}
 
 
 @bp.post("/v1/chat/completions")
@@ -157,27 +191,31 @@ async def chat_completions():
     except ValueError as exc:
         raise BadRequest(str(exc), param="messages") from exc
     gen = Generate(model=req.model, messages=messages, max_tokens=_limit_tokens(req.limit()),
-                   stop=tuple(req.stop or ()), sampling=_sampling(req))
+                   stop=tuple(req.stop or ()), sampling=_sampling(req),
+                   response_format=_constraint(req.response_format), logprobs=req.n_logprobs())
+    want_lp = gen.logprobs is not None
     call = await _open(gen)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
     if req.stream:
-        def chunk(text, finish, usage=None):
+        def chunk(text, finish, usage=None, logprobs=()):
             if usage is not None:
                 return {**base, "choices": [], "usage": usage}
             delta = {"content": text} if text is not None else {}
-            return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+            lp = _chat_logprobs(logprobs) if want_lp and logprobs else None
+            return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": lp,
                                          "finish_reason": finish}]}
         first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                       "logprobs": None, "finish_reason": None}]}
         include = bool(req.stream_options and req.stream_options.include_usage)
         return _stream(call, chunk, first, include)
-    text, finish, usage = await _collect(call)
+    text, finish, usage, lps = await _collect(call)
     return json_response({
         "id": cid, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text,
                                              "refusal": None},
-                     "logprobs": None, "finish_reason": finish}],
+                     "logprobs": _chat_logprobs(lps) if want_lp else None,
+                     "finish_reason": finish}],
         "usage": _usage(usage)}, headers=_headers(call))
 
 
@@ -186,22 +224,29 @@ async def completions():
     req = await json_body(CompletionRequest)
     _refuse_unsupported(req, UNSUPPORTED_COMPLETION)
     gen = Generate(model=req.model, prompt=req.prompt, max_tokens=_limit_tokens(req.limit()),
-                   stop=tuple(req.stop or ()), sampling=_sampling(req))
+                   stop=tuple(req.stop or ()), sampling=_sampling(req), logprobs=req.logprobs)
+    want_lp = gen.logprobs is not None
     call = await _open(gen)
     cid, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model
     echo = req.prompt if req.echo else ""
     base = {"id": cid, "object": "text_completion", "created": created, "model": model}
+    offset = [len(echo)]
     if req.stream:
-        def chunk(text, finish, usage=None):
+        def chunk(text, finish, usage=None, logprobs=()):
             if usage is not None:
                 return {**base, "choices": [], "usage": usage}
-            return {**base, "choices": [{"text": text or "", "index": 0, "logprobs": None,
+            lp = None
+            if want_lp and logprobs:
+                lp = _completion_logprobs(logprobs, offset[0])
+                offset[0] += sum(len(t.token) for t in logprobs)
+            return {**base, "choices": [{"text": text or "", "index": 0, "logprobs": lp,
                                          "finish_reason": finish}]}
         include = bool(req.stream_options and req.stream_options.include_usage)
         return _stream(call, chunk, chunk(echo, None) if echo else None, include)
-    text, finish, usage = await _collect(call)
+    text, finish, usage, lps = await _collect(call)
     return json_response({
-        **base, "choices": [{"text": echo + text, "index": 0, "logprobs": None,
+        **base, "choices": [{"text": echo + text, "index": 0,
+                             "logprobs": _completion_logprobs(lps, len(echo)) if want_lp else None,
                              "finish_reason": finish}],
         "usage": _usage(usage)}, headers=_headers(call))
 

@@ -32,7 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from mesh import errors
 
-__all__ = ["VERSION", "Sampling", "Message", "Generate", "Embed", "Transcribe", "Request",
+__all__ = ["VERSION", "Sampling", "Message", "ResponseFormat", "TopLogprob", "TokenLogprob",
+           "Generate", "Embed", "Transcribe", "Request",
            "Usage", "Delta", "Done", "Result", "Failed", "Heartbeat", "Event",
            "encode_request", "decode_request", "encode_event", "decode_event",
            "failed_from_error", "error_from_failed", "feature_of", "TERMINAL"]
@@ -68,8 +69,19 @@ class Message(_Wire):
     name: str | None = None
 
 
+class ResponseFormat(_Wire):
+    """Constrained output: any JSON object, or JSON valid against ``json_schema`` (the
+    subset mesh/wire/schema.py lists; the worker compiles it into a grammar)."""
+
+    type: Literal["json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
 class Generate(_Wire):
-    """A chat turn (``messages``) or a raw completion (``prompt``): exactly one of them."""
+    """A chat turn (``messages``) or a raw completion (``prompt``): exactly one of them.
+
+    ``logprobs``: None for none, else the number (0-20) of most likely alternatives to
+    report with each generated token's own log probability."""
 
     kind: Literal["generate"] = "generate"
     model: str
@@ -78,6 +90,8 @@ class Generate(_Wire):
     max_tokens: int | None = Field(None, ge=1)
     stop: tuple[str, ...] = Field((), strict=False)
     sampling: Sampling = Field(default_factory=Sampling)
+    response_format: ResponseFormat | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
 
     @model_validator(mode="after")
     def _one_input(self) -> "Generate":
@@ -126,9 +140,29 @@ class Usage(_Wire):
     cached_tokens: int = Field(0, ge=0)
 
 
+class TopLogprob(_Wire):
+    token: str
+    logprob: float
+    bytes: tuple[int, ...] = Field((), strict=False)
+
+
+class TokenLogprob(_Wire):
+    """One generated token: its text, log probability under the model (log-softmax of
+    the raw logits, before sampling settings), bytes, and the most likely alternatives."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...] = Field((), strict=False)
+    top: tuple[TopLogprob, ...] = Field((), strict=False)
+
+
 class Delta(_Wire):
+    """Text, and (when asked) the log probabilities of the tokens generated since the
+    previous Delta (a token's text may arrive in a later Delta: UTF-8 and stop strings)."""
+
     kind: Literal["delta"] = "delta"
     text: str
+    logprobs: tuple[TokenLogprob, ...] = Field((), strict=False)
 
 
 class Done(_Wire):

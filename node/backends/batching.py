@@ -40,6 +40,15 @@ llama-cpp-python's `Llama._init_sampler`, so a seed means the same thing as befo
 Plain greedy (temperature 0, no penalties) takes numpy's argmax of the row's logits
 instead: the same token (first maximum, as llama.cpp's greedy sampler), 24 us instead of
 117 us per row here, ~2% of a step at 8 rows.
+Constrained rows (`response_format`) put a grammar sampler (llama.cpp's GBNF engine)
+into their chain right after the penalties, so a constrained and a free request share one
+batch; the grammar, parsed once per schema in the backend, is cloned per request. Such a
+row always goes through its chain (the argmax shortcut is for unconstrained rows only).
+
+Logprobs, when asked: the log-softmax of the row's raw logits (the model's distribution,
+before temperature or top-k), the sampled token's value and the n most likely tokens;
+they ride on the next Delta (a token's text may be held back a while).
+
 Rows of one batch do not influence each other's logits (on this CPU build the results
 are bit-identical), so greedy text is the same batched or alone (tests/test_batching.py
 checks it through the API).
@@ -66,7 +75,7 @@ Left out on purpose
 - Cross-slot prefix sharing (seq_cp from a busy slot) and a unified cache: with
   kv_unified each sequence's attention spans every slot's cells, slower here.
 - Cost-aware slot choice (llama-server's similarity threshold, LRU by cache size),
-  speculative decoding, grammars, logprobs, n > 1.
+  speculative decoding, n > 1.
 - Preemption: a running request keeps its slot until it ends; the queue is FCFS and
   unbounded here (the node caps it with max_queue before it gets here).
 """
@@ -86,7 +95,7 @@ from typing import Any, Callable
 import llama_cpp
 import numpy as np
 
-from mesh.wire.inference import Delta, Done, Failed, Usage
+from mesh.wire.inference import Delta, Done, Failed, TokenLogprob, TopLogprob, Usage
 
 log = logging.getLogger("node.backends.batching")
 
@@ -125,14 +134,17 @@ class Sampling:
             repeat_penalty=float(p.get("repeat_penalty", d.repeat_penalty)),
             seed=None if p.get("seed") is None else int(p["seed"]))
 
-    def chain(self, n_vocab: int) -> llama_cpp.llama_sampler_p:
-        """A new llama.cpp sampler chain (free with llama_sampler_free)."""
+    def chain(self, n_vocab: int, grammar: Any = None) -> llama_cpp.llama_sampler_p:
+        """A new llama.cpp sampler chain (free with llama_sampler_free); it takes
+        ownership of `grammar`, a grammar sampler, which goes right after the penalties."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
         if self.penalised:
             add(llama_cpp.llama_sampler_init_penalties(
                 n_vocab, PENALTY_LAST_N, self.repeat_penalty, self.frequency_penalty,
                 self.presence_penalty))
+        if grammar is not None:
+            add(grammar)
         if self.temperature <= 0:
             add(llama_cpp.llama_sampler_init_greedy())
             return chain
@@ -206,6 +218,19 @@ class Job:
     chain: Any = None
     text: TextStream | None = None
     t_first: float | None = None
+    grammar: Any = None            # a grammar sampler (llama_sampler_init_grammar), or None;
+                                   # handed to the chain when the request starts
+    constrained: bool = False      # has a grammar (in `grammar` or in its chain)
+    n_logprobs: int | None = None  # report logprobs with this many alternatives
+    pending_lp: list[Any] = field(default_factory=list)   # TokenLogprob not yet sent
+
+    @property
+    def argmax(self) -> bool:
+        """Plain greedy with no grammar: numpy's argmax instead of the sampler chain."""
+        return self.sampling.greedy and not self.constrained
+
+    def __post_init__(self) -> None:
+        self.constrained = self.grammar is not None
 
     @property
     def prefilling(self) -> bool:
@@ -331,11 +356,14 @@ class BatchScheduler:
         pure_decode = all(len(toks) == 1 and not slot.job.prefilling
                           for slot, toks in self._fed)
         for slot, row in rows:
-            if slot.job.sampling.greedy:   # llama.cpp's greedy sampler: first max logit
+            job = slot.job
+            if job.argmax:   # llama.cpp's greedy sampler: first max logit
                 logits = llama_cpp.llama_get_logits_ith(self.ctx, row)
                 tok = int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
             else:
-                tok = llama_cpp.llama_sampler_sample(slot.job.chain, self.ctx, row)
+                tok = llama_cpp.llama_sampler_sample(job.chain, self.ctx, row)
+            if job.n_logprobs is not None and not llama_cpp.llama_vocab_is_eog(self.vocab, tok):
+                job.pending_lp.append(self._logprob(row, tok, job.n_logprobs))
             self._on_token(slot, tok)
         if pure_decode:
             self._account(dt, len(rows))
@@ -350,6 +378,9 @@ class BatchScheduler:
             for j in gone:
                 self._queue.remove(j)
         for j in gone:
+            if j.grammar is not None:          # never made it into a chain
+                llama_cpp.llama_sampler_free(j.grammar)
+                j.grammar = None
             self._send(j, Done(finish_reason="cancelled", usage=_usage(len(j.prompt), 0, 0)))
 
     def _admit(self) -> None:
@@ -376,7 +407,8 @@ class BatchScheduler:
         slot.job, slot.last_used = job, next(self._use)
         job.n_cached = job.n_fed = n_keep
         job.text = TextStream(job.stops)
-        job.chain = None if job.sampling.greedy else job.sampling.chain(self.n_vocab)
+        job.chain = None if job.argmax else job.sampling.chain(self.n_vocab, job.grammar)
+        job.grammar = None if job.chain is not None else job.grammar   # the chain owns it
         if job.sampling.penalised:
             for t in job.prompt[-PENALTY_LAST_N:]:
                 llama_cpp.llama_sampler_accept(job.chain, t)
@@ -444,7 +476,7 @@ class BatchScheduler:
         job.next_token = tok
         text, stopped = job.text.push(self._piece(tok))
         if text:
-            if not self._send(job, Delta(text=text)):
+            if not self._send(job, self._delta(job, text)):
                 self._finish(slot, "cancelled", quiet=True)
                 return
         if stopped:
@@ -460,6 +492,9 @@ class BatchScheduler:
         if job.chain is not None:
             llama_cpp.llama_sampler_free(job.chain)
             job.chain = None
+        if job.grammar is not None:
+            llama_cpp.llama_sampler_free(job.grammar)
+            job.grammar = None
         if job.t_first is not None:
             log.debug("request done (%s): %d prompt (%d cached), %d generated, ttft %.3f s, "
                       "%.3f s", reason, len(job.prompt), job.n_cached, job.n_generated,
@@ -468,8 +503,8 @@ class BatchScheduler:
             return
         if flush and reason != "cancelled":
             text, _ = job.text.push(b"", final=True)
-            if text:
-                self._send(job, Delta(text=text))
+            if text or job.pending_lp:
+                self._send(job, self._delta(job, text))
         self._send(job, Done(finish_reason=reason,
                              usage=_usage(len(job.prompt), job.n_generated, job.n_cached)))
 
@@ -498,6 +533,31 @@ class BatchScheduler:
             log.warning("dropping a request: cannot send its frame (%s)", exc)
             job.cancel.set()
             return False
+
+    def _delta(self, job: Job, text: str) -> Delta:
+        lps, job.pending_lp = tuple(job.pending_lp), []
+        return Delta(text=text, logprobs=lps)
+
+    def _logprob(self, row: int, tok: int, n_top: int) -> TokenLogprob:
+        """The model's log-probability of `tok` at `row` (log-softmax of the raw logits)
+        and its `n_top` most likely alternatives."""
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, row),
+                                       shape=(self.n_vocab,)).astype(np.float64)
+        m = logits.max()
+        lse = m + np.log(np.exp(logits - m).sum())
+        top: tuple[TopLogprob, ...] = ()
+        if n_top:
+            idx = np.argpartition(-logits, n_top - 1)[:n_top]
+            idx = idx[np.argsort(-logits[idx], kind="stable")]
+            top = tuple(self._top(int(i), float(logits[i] - lse)) for i in idx)
+        piece = self._piece(tok)
+        return TokenLogprob(token=piece.decode("utf-8", errors="replace"),
+                            logprob=float(logits[tok] - lse), bytes=tuple(piece), top=top)
+
+    def _top(self, tok: int, lp: float) -> TopLogprob:
+        piece = self._piece(tok)
+        return TopLogprob(token=piece.decode("utf-8", errors="replace"), logprob=lp,
+                          bytes=tuple(piece))
 
     def _piece(self, tok: int) -> bytes:
         piece = self._pieces.get(tok)

@@ -23,6 +23,8 @@ touched by the scheduler thread.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -32,8 +34,10 @@ import llama_cpp
 from llama_cpp._internals import LlamaModel
 from llama_cpp._logger import set_verbose
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from mesh.wire.inference import Embed, Generate
+from mesh.wire.inference import Embed, Generate, ResponseFormat
+from mesh.wire.schema import check_schema
 from node.backends import RequestError
 from node.backends.batching import BatchScheduler, Job, Sampling
 from node.rpc import split_params
@@ -44,6 +48,7 @@ Emit = Callable[[Any], None]
 
 DEFAULT_CONTEXT = 2048     # per slot
 DEFAULT_PARALLEL = 4       # slots (llama-server's default when -np is not given)
+GRAMMAR_CACHE = 64         # parsed grammars kept (one per distinct schema)
 
 
 class LlamaBackend:
@@ -69,6 +74,8 @@ class LlamaBackend:
         self.n_ctx = self.scheduler.n_ctx_slot
         self._emb: llama_cpp.Llama | None = None
         self._emb_lock = threading.Lock()
+        self._grammars: dict[str, Any] = {}          # schema hash -> parsed grammar sampler
+        self._grammar_lock = threading.Lock()
         eos_id, bos_id = self.model.token_eos(), self.model.token_bos()
         eos = self.model.token_get_text(eos_id) if eos_id != -1 else ""
         bos = self.model.token_get_text(bos_id) if bos_id != -1 else ""
@@ -119,7 +126,39 @@ class LlamaBackend:
         max_tokens = room if req.max_tokens is None else max(1, min(req.max_tokens, room))
         p = {**self.defaults, **req.sampling.given()}
         return Job(prompt=prompt, max_tokens=max_tokens, stops=list(req.stop) + extra_stop,
-                   sampling=Sampling.from_params(p), emit=emit, cancel=cancel)
+                   sampling=Sampling.from_params(p), emit=emit, cancel=cancel,
+                   grammar=self._grammar(req.response_format), n_logprobs=req.logprobs)
+
+    def _grammar(self, rf: ResponseFormat | None) -> Any:
+        """A fresh grammar sampler for `rf` (None for free text). Grammars are parsed
+        once per schema (GRAMMAR_CACHE of them kept) and cloned for each request."""
+        if rf is None:
+            return None
+        if rf.type == "json_object":
+            key, make = "json_object", lambda: JSON_GBNF
+        else:
+            schema = rf.json_schema if rf.json_schema is not None else {}
+            check_schema(schema)
+            text = json.dumps(schema, sort_keys=True)
+            key = hashlib.sha256(text.encode()).hexdigest()
+            make = lambda: json_schema_to_gbnf(text)  # noqa: E731
+        with self._grammar_lock:
+            base = self._grammars.get(key)
+            if base is None:
+                try:
+                    gbnf = make()
+                except Exception as exc:   # the converter raises ValueError, KeyError, ...
+                    raise RequestError(f"could not turn the JSON schema into a grammar: {exc}",
+                                       param="response_format", code="invalid_schema") from exc
+                base = llama_cpp.llama_sampler_init_grammar(self.model.vocab, gbnf.encode(),
+                                                            b"root")
+                if not base:
+                    raise RequestError("llama.cpp refused the grammar made from this schema",
+                                       param="response_format", code="invalid_schema")
+                if len(self._grammars) >= GRAMMAR_CACHE:
+                    llama_cpp.llama_sampler_free(self._grammars.pop(next(iter(self._grammars))))
+                self._grammars[key] = base
+            return llama_cpp.llama_sampler_clone(base)
 
     def submit(self, req: Generate, emit: Emit, cancel: threading.Event) -> None:
         """Queue a generation and return at once; events go to `emit` from the scheduler
