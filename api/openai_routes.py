@@ -156,9 +156,10 @@ def _constraint(rf) -> Constraint | None:
     (mesh/wire/schema.py) is a 400 naming the keyword."""
     if rf is None or rf.type == "text":
         return None
-    if rf.type == "json_object":
+    if rf.type == "json_object" and rf.schema_ is None:
         return Constraint(type="json_object")
-    schema = rf.json_schema.schema_ if rf.json_schema.schema_ is not None else {}
+    inner = rf.json_schema.schema_ if rf.json_schema is not None else rf.schema_
+    schema = inner if inner is not None else {}
     check_schema(schema)
     return Constraint(type="json_schema", json_schema=schema)
 

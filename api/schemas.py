@@ -73,8 +73,12 @@ class JsonSchemaFormat(BaseModel):
 
 
 class ResponseFormat(BaseModel):
+    """OpenAI's response_format; a `schema` beside type json_object (the form llama-server,
+    Together and instructor's JSON_SCHEMA mode send) constrains like json_schema."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
 
     @model_validator(mode="after")
     def _schema_given(self):

@@ -41,8 +41,13 @@ class _Strict(BaseModel):
 
 
 class FileSpec(_Strict):
-    """One file of a model: where it comes from and what it must hash to."""
-    uri: str
+    """One file of a model: where it comes from and what it must hash to.
+
+    `uri` names one source; `parts` instead names several, whose bytes are joined in
+    order into the one file (models shipped as raw chunks in several wheels); the
+    sha256 and size are those of the joined file."""
+    uri: str | None = None
+    parts: list[str] | None = Field(None, min_length=1)
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     size: int | None = Field(None, ge=0)
     path: str                      # relative name inside the model's directory
@@ -54,10 +59,33 @@ class FileSpec(_Strict):
 
     @field_validator("uri")
     @classmethod
-    def _scheme(cls, v: str) -> str:
-        if not v.startswith(SOURCE_SCHEMES):
+    def _scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(SOURCE_SCHEMES):
             raise ValueError(f"unsupported source {v!r} (use one of {', '.join(SOURCE_SCHEMES)})")
         return v
+
+    @field_validator("parts")
+    @classmethod
+    def _part_schemes(cls, v: list[str] | None) -> list[str] | None:
+        for part in v or []:
+            if not part.startswith(("pypi:", "file://")):
+                raise ValueError(f"part {part!r}: parts come from pypi: or file:// sources")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "FileSpec":
+        if (self.uri is None) == (self.parts is None):
+            raise ValueError("a file needs exactly one of 'uri' and 'parts'")
+        return self
+
+    @property
+    def sources(self) -> list[str]:
+        """The sources whose bytes, in order, make the file."""
+        return list(self.parts) if self.parts is not None else [self.uri]
+
+    @property
+    def origin(self) -> str:
+        return self.uri if self.uri is not None else f"{self.parts[0]} (+{len(self.parts) - 1} parts)"
 
     @field_validator("path")
     @classmethod

