@@ -9,7 +9,7 @@ OpenAI's JSON is written, on the node the client talks to.
 Errors before the first event are ordinary OpenAI-shaped responses (api/errors.py); after
 the first byte of a stream, an ``error`` event then ``[DONE]`` ends it (the status line is
 already sent). Fields of OpenAI's request schemas this node cannot honour are refused with
-a 400 naming them (``UNSUPPORTED``), never accepted and ignored.
+a 400 naming them (api/schemas.py classifies every one), never accepted and ignored.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from quart import Blueprint, Response, current_app, request
 from api import transcripts
 from api.body import DONE, json_body, sse, sse_response
 from api.errors import json_response, openai_error
-from api.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, TranscriptionForm
+from api.schemas import (CHAT_FIELDS, COMPLETION_FIELDS, NEUTRAL, ChatRequest,
+                         CompletionRequest, EmbeddingRequest, TranscriptionForm)
 from mesh.errors import BadRequest, MeshError, ModelNotFound, UnsupportedMedia
 from mesh.router import Call
 from mesh.wire.inference import (Delta, Done, Embed, Failed, Generate, Message, Result,
@@ -35,28 +36,14 @@ from mesh.wire.schema import check_schema
 
 bp = Blueprint("openai", __name__)
 
-# Fields of OpenAI's request schemas that are accepted by OpenAI and not (yet) honoured
-# here; a request that sets one to anything but its neutral value is refused naming it.
-UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
-                    "logit_bias", "audio", "modalities", "prediction", "web_search_options",
-                    "reasoning_effort")
-UNSUPPORTED_COMPLETION = ("logit_bias", "best_of", "suffix")
-_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}),
-    "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
-    "functions": (None, []), "parallel_tool_calls": (None, True),
-    "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]),
-}
-
-
 def _services():
     return current_app.config["MESH"]
 
 
-def _refuse_unsupported(req, fields: tuple[str, ...]) -> None:
-    extra = req.model_extra or {}
-    for name in fields:
-        if name in extra and extra[name] not in _NEUTRAL.get(name, (None,)):
+def _refuse_unsupported(req, table: dict[str, str]) -> None:
+    """A 400 naming the first field of `table`'s refused ones that asks for something."""
+    for name in sorted(req.model_fields_set):
+        if table.get(name) == "refused" and getattr(req, name) not in NEUTRAL.get(name, (None,)):
             raise BadRequest(f"'{name}' is not supported by this server yet; remove it from "
                              "the request", param=name, code="unsupported_parameter")
 
@@ -185,7 +172,7 @@ def _completion_logprobs(lps, offset: int) -> dict[str, Any]:
 @bp.post("/v1/chat/completions")
 async def chat_completions():
     req = await json_body(ChatRequest)
-    _refuse_unsupported(req, UNSUPPORTED_CHAT)
+    _refuse_unsupported(req, CHAT_FIELDS)
     try:
         messages = tuple(Message(role=m.role, content=m.text(), name=m.name)
                          for m in req.messages)
@@ -223,7 +210,7 @@ async def chat_completions():
 @bp.post("/v1/completions")
 async def completions():
     req = await json_body(CompletionRequest)
-    _refuse_unsupported(req, UNSUPPORTED_COMPLETION)
+    _refuse_unsupported(req, COMPLETION_FIELDS)
     gen = Generate(model=req.model, prompt=req.prompt, max_tokens=_limit_tokens(req.limit()),
                    stop=tuple(req.stop or ()), sampling=_sampling(req), logprobs=req.logprobs)
     want_lp = gen.logprobs is not None

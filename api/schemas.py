@@ -1,5 +1,15 @@
-"""Request bodies of the OpenAI routes, validated with pydantic (unknown fields allowed,
-as OpenAI clients send many optional ones; wrongly typed known fields are a 400)."""
+"""Request bodies of the OpenAI routes, validated with pydantic.
+
+Every field of OpenAI's request schemas is declared here and classified in CHAT_FIELDS /
+COMPLETION_FIELDS (docs/openai-fields.md prints the table; tests/test_openai_fields.py
+walks ../shared/data/openai-openapi.json so that a field cannot slip through
+unclassified):
+    honoured   it does what OpenAI documents
+    accepted   meaningless on a self-hosted node (user, metadata, store, ...): accepted,
+               changes nothing, as documented
+    refused    not supported (yet): a 400 naming it unless it holds its neutral value
+A field OpenAI does not define is a 400 "unrecognized request argument" (extra="forbid"),
+as OpenAI answers; top_k, min_p and repeat_penalty are llama.cpp extensions, honoured."""
 
 from __future__ import annotations
 
@@ -9,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class _Req(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
 class StreamOptions(BaseModel):
@@ -17,10 +27,24 @@ class StreamOptions(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    refusal: str | None = None            # an earlier answer's refusal text: history only
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _no_tool_history(self):
+        for name in ("tool_calls", "function_call", "audio"):
+            if getattr(self, name):
+                raise ValueError(f"messages with '{name}' are not supported by this server yet")
+        if self.role == "function":
+            raise ValueError("the 'function' role is not supported by this server yet")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):  # [{"type": "text", "text": ...}, ...]
@@ -49,6 +73,7 @@ class _Sampling(_Req):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
     user: str | None = None
+    logit_bias: dict[str, float] | None = None       # refused unless empty (api/openai_routes.py)
 
     @field_validator("stop")
     @classmethod
@@ -100,6 +125,28 @@ class ChatRequest(_Sampling):
             raise ValueError("top_logprobs needs logprobs to be true")
         return self
 
+    # accepted, meaningless here
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    # refused unless neutral
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    moderation: Any = None
+    prompt_cache_options: Any = None
+
     def n_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
@@ -111,6 +158,8 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
+    best_of: int | None = Field(None, ge=0)
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -151,3 +200,32 @@ class TranscriptionForm(BaseModel):
     prompt: str | None = None
     response_format: Literal["json", "text", "srt", "verbose_json", "vtt"] = "json"
     temperature: float = Field(0.0, ge=0, le=1)
+
+
+H, A, R = "honoured", "accepted", "refused"
+CHAT_FIELDS = {
+    "model": H, "messages": H, "max_tokens": H, "max_completion_tokens": H, "temperature": H,
+    "top_p": H, "stop": H, "seed": H, "presence_penalty": H, "frequency_penalty": H,
+    "stream": H, "stream_options": H, "n": H, "response_format": H, "logprobs": H,
+    "top_logprobs": H,
+    "user": A, "metadata": A, "store": A, "service_tier": A, "safety_identifier": A,
+    "prompt_cache_key": A, "prompt_cache_retention": A,
+    "parallel_tool_calls": A,          # only means something with tools, which are refused
+    "logit_bias": R, "tools": R, "tool_choice": R, "functions": R, "function_call": R,
+    "audio": R, "modalities": R, "prediction": R,
+    "web_search_options": R, "reasoning_effort": R, "verbosity": R, "moderation": R,
+    "prompt_cache_options": R,
+}
+COMPLETION_FIELDS = {
+    "model": H, "prompt": H, "max_tokens": H, "temperature": H, "top_p": H, "stop": H,
+    "seed": H, "presence_penalty": H, "frequency_penalty": H, "stream": H,
+    "stream_options": H, "n": H, "echo": H, "logprobs": H,
+    "user": A,
+    "logit_bias": R, "best_of": R, "suffix": R,
+}
+# The value a refused field may hold: it asks for nothing beyond what we do.
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "modalities": (None, ["text"]), "best_of": (None, 1), "suffix": (None, ""),
+}
