@@ -180,7 +180,8 @@ async def chat_completions():
         raise BadRequest(str(exc), param="messages") from exc
     gen = Generate(model=req.model, messages=messages, max_tokens=_limit_tokens(req.limit()),
                    stop=tuple(req.stop or ()), sampling=_sampling(req),
-                   response_format=_constraint(req.response_format), logprobs=req.n_logprobs())
+                   response_format=_constraint(req.response_format), logprobs=req.n_logprobs(),
+                   logit_bias=req.bias())
     want_lp = gen.logprobs is not None
     call = await _open(gen)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model
@@ -212,7 +213,8 @@ async def completions():
     req = await json_body(CompletionRequest)
     _refuse_unsupported(req, COMPLETION_FIELDS)
     gen = Generate(model=req.model, prompt=req.prompt, max_tokens=_limit_tokens(req.limit()),
-                   stop=tuple(req.stop or ()), sampling=_sampling(req), logprobs=req.logprobs)
+                   stop=tuple(req.stop or ()), sampling=_sampling(req), logprobs=req.logprobs,
+                   logit_bias=req.bias())
     want_lp = gen.logprobs is not None
     call = await _open(gen)
     cid, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model

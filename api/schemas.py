@@ -73,7 +73,20 @@ class _Sampling(_Req):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
     user: str | None = None
-    logit_bias: dict[str, float] | None = None       # refused unless empty (api/openai_routes.py)
+    logit_bias: dict[str, float] | None = None       # token id (as a string) -> -100..100
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        for k, b in (v or {}).items():
+            if not k.isdigit():
+                raise ValueError(f"logit_bias keys are token ids, not {k!r}")
+            if not -100 <= b <= 100:
+                raise ValueError(f"logit_bias values are between -100 and 100, not {b}")
+        return v
+
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items())
 
     @field_validator("stop")
     @classmethod
@@ -207,11 +220,11 @@ CHAT_FIELDS = {
     "model": H, "messages": H, "max_tokens": H, "max_completion_tokens": H, "temperature": H,
     "top_p": H, "stop": H, "seed": H, "presence_penalty": H, "frequency_penalty": H,
     "stream": H, "stream_options": H, "n": H, "response_format": H, "logprobs": H,
-    "top_logprobs": H,
+    "top_logprobs": H, "logit_bias": H,
     "user": A, "metadata": A, "store": A, "service_tier": A, "safety_identifier": A,
     "prompt_cache_key": A, "prompt_cache_retention": A,
     "parallel_tool_calls": A,          # only means something with tools, which are refused
-    "logit_bias": R, "tools": R, "tool_choice": R, "functions": R, "function_call": R,
+    "tools": R, "tool_choice": R, "functions": R, "function_call": R,
     "audio": R, "modalities": R, "prediction": R,
     "web_search_options": R, "reasoning_effort": R, "verbosity": R, "moderation": R,
     "prompt_cache_options": R,
@@ -219,13 +232,13 @@ CHAT_FIELDS = {
 COMPLETION_FIELDS = {
     "model": H, "prompt": H, "max_tokens": H, "temperature": H, "top_p": H, "stop": H,
     "seed": H, "presence_penalty": H, "frequency_penalty": H, "stream": H,
-    "stream_options": H, "n": H, "echo": H, "logprobs": H,
+    "stream_options": H, "n": H, "echo": H, "logprobs": H, "logit_bias": H,
     "user": A,
-    "logit_bias": R, "best_of": R, "suffix": R,
+    "best_of": R, "suffix": R,
 }
 # The value a refused field may hold: it asks for nothing beyond what we do.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
+    "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []),
     "modalities": (None, ["text"]), "best_of": (None, 1), "suffix": (None, ""),
 }

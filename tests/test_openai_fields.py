@@ -45,7 +45,7 @@ def test_every_spec_field_is_classified_and_declared(schema, table, model) -> No
 
 
 # a value that asks for something, per refused field
-ASKS = {"logit_bias": {"50256": -100}, "tools": [{"type": "function", "function": {"name": "f"}}],
+ASKS = {"tools": [{"type": "function", "function": {"name": "f"}}],
         "tool_choice": "required", "functions": [{"name": "f"}], "function_call": "auto",
         "audio": {"voice": "alloy", "format": "wav"},
         "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"},

@@ -160,3 +160,23 @@ def test_instructor_extracts_a_pydantic_model(node, mode) -> None:
         model=CHAT, response_model=Owner, max_retries=0, max_tokens=200, temperature=0,
         messages=[{"role": "user", "content": "Anna is 34 and has a cat called Tom."}])
     assert isinstance(owner, Owner) and owner.name and all(p.kind in ("cat", "dog") for p in owner.pets)
+
+
+def test_logit_bias_steers_and_bans_tokens(client) -> None:
+    from llama_cpp import Llama
+
+    from gallery.store import Store
+    from tests.procs import models_dir
+    vocab = Llama(str(Store(models_dir()).get(CHAT).path), vocab_only=True, verbose=False)
+    prompt = dict(model=CHAT, prompt="My favourite fruit is", max_tokens=1, temperature=0,
+                  logprobs=1)
+    first = client.completions.create(**prompt).choices[0].logprobs.tokens[0]
+    first_id = vocab.tokenize(first.encode(), add_bos=False, special=True)[0]
+    banned = client.completions.create(**prompt, logit_bias={str(first_id): -100})
+    assert banned.choices[0].logprobs.tokens[0] != first
+    forced_id = vocab.tokenize(b" banana", add_bos=False, special=False)[0]
+    forced = client.completions.create(**prompt, logit_bias={str(forced_id): 100})
+    assert forced.choices[0].text == vocab.detokenize([forced_id]).decode()
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(**prompt, logit_bias={"999999999": 1})
+    assert ei.value.body["param"] == "logit_bias"

@@ -92,6 +92,8 @@ class Generate(_Wire):
     sampling: Sampling = Field(default_factory=Sampling)
     response_format: ResponseFormat | None = None
     logprobs: int | None = Field(None, ge=0, le=20)
+    logit_bias: tuple[Annotated[tuple[int, float], Field(strict=False)], ...] = Field(
+        (), strict=False)                    # (token id, bias -100..100) pairs
 
     @model_validator(mode="after")
     def _one_input(self) -> "Generate":

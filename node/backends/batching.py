@@ -121,6 +121,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     repeat_penalty: float = 1.0
     seed: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> "Sampling":
@@ -132,7 +133,8 @@ class Sampling:
             presence_penalty=float(p.get("presence_penalty", d.presence_penalty)),
             frequency_penalty=float(p.get("frequency_penalty", d.frequency_penalty)),
             repeat_penalty=float(p.get("repeat_penalty", d.repeat_penalty)),
-            seed=None if p.get("seed") is None else int(p["seed"]))
+            seed=None if p.get("seed") is None else int(p["seed"]),
+            logit_bias=tuple((int(t), float(b)) for t, b in p.get("logit_bias") or ()))
 
     def chain(self, n_vocab: int, grammar: Any = None) -> llama_cpp.llama_sampler_p:
         """A new llama.cpp sampler chain (free with llama_sampler_free); it takes
@@ -143,6 +145,10 @@ class Sampling:
             add(llama_cpp.llama_sampler_init_penalties(
                 n_vocab, PENALTY_LAST_N, self.repeat_penalty, self.frequency_penalty,
                 self.presence_penalty))
+        if self.logit_bias:
+            arr = (llama_cpp.llama_logit_bias * len(self.logit_bias))(
+                *[llama_cpp.llama_logit_bias(token=t, bias=b) for t, b in self.logit_bias])
+            add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(self.logit_bias), arr))
         if grammar is not None:
             add(grammar)
         if self.temperature <= 0:
@@ -162,7 +168,7 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         """Plain argmax: the scheduler skips the chain (same token, 1/5 of the time)."""
-        return self.temperature <= 0 and not self.penalised
+        return self.temperature <= 0 and not self.penalised and not self.logit_bias
 
     @property
     def penalised(self) -> bool:

@@ -124,7 +124,12 @@ class LlamaBackend:
                 param=param)
         room = self.n_ctx - n_prompt
         max_tokens = room if req.max_tokens is None else max(1, min(req.max_tokens, room))
-        p = {**self.defaults, **req.sampling.given()}
+        n_vocab = self.model.n_vocab()
+        bad = [t for t, _ in req.logit_bias if not 0 <= t < n_vocab]
+        if bad:
+            raise RequestError(f"logit_bias names token {bad[0]}, outside this model's "
+                               f"vocabulary of {n_vocab}", param="logit_bias")
+        p = {**self.defaults, **req.sampling.given(), "logit_bias": req.logit_bias}
         return Job(prompt=prompt, max_tokens=max_tokens, stops=list(req.stop) + extra_stop,
                    sampling=Sampling.from_params(p), emit=emit, cancel=cancel,
                    grammar=self._grammar(req.response_format), n_logprobs=req.logprobs)
