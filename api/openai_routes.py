@@ -30,7 +30,8 @@ from api.schemas import (CHAT_FIELDS, COMPLETION_FIELDS, NEUTRAL, ChatRequest,
 from mesh.errors import BadRequest, MeshError, ModelNotFound, UnsupportedMedia
 from mesh.router import Call
 from mesh.wire.inference import (Delta, Done, Embed, Failed, Generate, Message, Result,
-                                 Sampling, TokenLogprob, Transcribe, Usage, error_from_failed)
+                                 Sampling, TokenLogprob, Tool, ToolCall, Transcribe, Usage,
+                                 error_from_failed)
 from mesh.wire.inference import ResponseFormat as Constraint
 from mesh.wire.schema import check_schema
 
@@ -102,7 +103,9 @@ def _stream(call: Call, chunk: Chunk, first: dict[str, Any] | None,
             if first is not None:
                 yield sse(first)
             async for ev in call.events():
-                if isinstance(ev, Delta):
+                if isinstance(ev, Delta) and ev.tool_calls:
+                    yield sse(chunk(None, None, logprobs=ev.logprobs, tool_calls=ev.tool_calls))
+                elif isinstance(ev, Delta):
                     yield sse(chunk(ev.text, None, logprobs=ev.logprobs))
                 elif isinstance(ev, Done):
                     yield sse(chunk(None, ev.finish_reason))
@@ -117,16 +120,18 @@ def _stream(call: Call, chunk: Chunk, first: dict[str, Any] | None,
     return sse_response(body(), headers=_headers(call))
 
 
-async def _collect(call: Call) -> tuple[str, str, Usage, list[TokenLogprob]]:
+async def _collect(call: Call) -> tuple[str, str, Usage, list[TokenLogprob], list[ToolCall]]:
     text: list[str] = []
     lps: list[TokenLogprob] = []
+    calls: list[ToolCall] = []
     try:
         async for ev in call.events():
             if isinstance(ev, Delta):
                 text.append(ev.text)
                 lps.extend(ev.logprobs)
+                calls.extend(ev.tool_calls)
             elif isinstance(ev, Done):
-                return "".join(text), ev.finish_reason, ev.usage, lps
+                return "".join(text), ev.finish_reason, ev.usage, lps, calls
             elif isinstance(ev, Failed):
                 raise error_from_failed(ev)
     finally:
@@ -149,6 +154,43 @@ def _constraint(rf) -> Constraint | None:
     schema = inner if inner is not None else {}
     check_schema(schema)
     return Constraint(type="json_schema", json_schema=schema)
+
+
+def _tools(req) -> tuple[tuple[Tool, ...], str]:
+    """`tools` and `tool_choice` as the worker's: which functions, and which is forced."""
+    tools = []
+    for i, t in enumerate(req.tools or []):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict) \
+                or not isinstance(fn.get("name"), str):
+            raise BadRequest(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}",
+                             param=f"tools[{i}]")
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        check_schema(params, param=f"tools[{i}].function.parameters")
+        tools.append(Tool(name=fn["name"], description=str(fn.get("description") or ""),
+                          parameters=params))
+    choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise BadRequest("tool_choice must be none, auto, required or "
+                             "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
+        choice = name
+    if choice not in ("none", "auto", "required") and choice not in {t.name for t in tools}:
+        raise BadRequest(f"tool_choice names {choice!r}, which is not among the tools",
+                         param="tool_choice")
+    if choice in ("auto", "required") and not tools:
+        raise BadRequest(f"tool_choice '{choice}' needs tools", param="tool_choice")
+    if choice == "auto":
+        raise BadRequest("tool_choice 'auto' (the default when tools are given) is not "
+                         "supported yet; pass tool_choice 'required' or name a function",
+                         param="tool_choice", code="unsupported_parameter")
+    return tuple(tools), choice
+
+
+def _tool_call(c: ToolCall) -> dict[str, Any]:
+    return {"id": c.id, "type": "function",
+            "function": {"name": c.name, "arguments": c.arguments}}
 
 
 def _chat_logprobs(lps) -> dict[str, Any]:
@@ -174,23 +216,32 @@ async def chat_completions():
     req = await json_body(ChatRequest)
     _refuse_unsupported(req, CHAT_FIELDS)
     try:
-        messages = tuple(Message(role=m.role, content=m.text(), name=m.name)
+        messages = tuple(Message(role=m.role, content=m.text(), name=m.name,
+                                 tool_call_id=m.tool_call_id, tool_calls=tuple(
+                                     ToolCall(id=c["id"], name=c["function"]["name"],
+                                              arguments=c["function"].get("arguments", ""))
+                                     for c in m.tool_calls or ()))
                          for m in req.messages)
     except ValueError as exc:
         raise BadRequest(str(exc), param="messages") from exc
+    tools, choice = _tools(req)
     gen = Generate(model=req.model, messages=messages, max_tokens=_limit_tokens(req.limit()),
                    stop=tuple(req.stop or ()), sampling=_sampling(req),
                    response_format=_constraint(req.response_format), logprobs=req.n_logprobs(),
-                   logit_bias=req.bias())
+                   logit_bias=req.bias(), tools=tools, tool_choice=choice,
+                   parallel_tool_calls=req.parallel_tool_calls is not False)
     want_lp = gen.logprobs is not None
     call = await _open(gen)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
     if req.stream:
-        def chunk(text, finish, usage=None, logprobs=()):
+        def chunk(text, finish, usage=None, logprobs=(), tool_calls=()):
             if usage is not None:
                 return {**base, "choices": [], "usage": usage}
             delta = {"content": text} if text is not None else {}
+            if tool_calls:
+                delta = {"tool_calls": [{"index": i, **_tool_call(c)}
+                                        for i, c in enumerate(tool_calls)]}
             lp = _chat_logprobs(logprobs) if want_lp and logprobs else None
             return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": lp,
                                          "finish_reason": finish}]}
@@ -198,11 +249,14 @@ async def chat_completions():
                                       "logprobs": None, "finish_reason": None}]}
         include = bool(req.stream_options and req.stream_options.include_usage)
         return _stream(call, chunk, first, include)
-    text, finish, usage, lps = await _collect(call)
+    text, finish, usage, lps, calls = await _collect(call)
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if calls:
+        message = {**message, "content": text or None,
+                   "tool_calls": [_tool_call(c) for c in calls]}
     return json_response({
         "id": cid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text,
-                                             "refusal": None},
+        "choices": [{"index": 0, "message": message,
                      "logprobs": _chat_logprobs(lps) if want_lp else None,
                      "finish_reason": finish}],
         "usage": _usage(usage)}, headers=_headers(call))
@@ -233,7 +287,7 @@ async def completions():
                                          "finish_reason": finish}]}
         include = bool(req.stream_options and req.stream_options.include_usage)
         return _stream(call, chunk, chunk(echo, None) if echo else None, include)
-    text, finish, usage, lps = await _collect(call)
+    text, finish, usage, lps, _ = await _collect(call)
     return json_response({
         **base, "choices": [{"text": echo + text, "index": 0,
                              "logprobs": _completion_logprobs(lps, len(echo)) if want_lp else None,

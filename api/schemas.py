@@ -39,9 +39,16 @@ class ChatMessage(BaseModel):
 
     @model_validator(mode="after")
     def _no_tool_history(self):
-        for name in ("tool_calls", "function_call", "audio"):
+        for name in ("function_call", "audio"):
             if getattr(self, name):
                 raise ValueError(f"messages with '{name}' are not supported by this server yet")
+        for call in self.tool_calls or []:
+            fn = call.get("function") if isinstance(call, dict) else None
+            if (call.get("type", "function") != "function" or not isinstance(fn, dict)
+                    or not isinstance(fn.get("name"), str)
+                    or not isinstance(fn.get("arguments", ""), str) or not call.get("id")):
+                raise ValueError("each tool_calls entry needs an id and a function with a "
+                                 "name and arguments (a JSON string)")
         if self.role == "function":
             raise ValueError("the 'function' role is not supported by this server yet")
         return self
@@ -220,11 +227,11 @@ CHAT_FIELDS = {
     "model": H, "messages": H, "max_tokens": H, "max_completion_tokens": H, "temperature": H,
     "top_p": H, "stop": H, "seed": H, "presence_penalty": H, "frequency_penalty": H,
     "stream": H, "stream_options": H, "n": H, "response_format": H, "logprobs": H,
-    "top_logprobs": H, "logit_bias": H,
+    "top_logprobs": H, "logit_bias": H, "tools": H, "tool_choice": H,
+    "parallel_tool_calls": H,
     "user": A, "metadata": A, "store": A, "service_tier": A, "safety_identifier": A,
     "prompt_cache_key": A, "prompt_cache_retention": A,
-    "parallel_tool_calls": A,          # only means something with tools, which are refused
-    "tools": R, "tool_choice": R, "functions": R, "function_call": R,
+    "functions": R, "function_call": R,
     "audio": R, "modalities": R, "prediction": R,
     "web_search_options": R, "reasoning_effort": R, "verbosity": R, "moderation": R,
     "prompt_cache_options": R,
@@ -238,7 +245,6 @@ COMPLETION_FIELDS = {
 }
 # The value a refused field may hold: it asks for nothing beyond what we do.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []),
     "modalities": (None, ["text"]), "best_of": (None, 1), "suffix": (None, ""),
 }

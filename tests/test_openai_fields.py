@@ -74,10 +74,15 @@ def test_refused_fields_are_a_400_naming_them_and_accepted_ones_pass(node, path,
     assert r.status_code == 400 and "not_an_openai_field" in r.json()["error"]["message"]
 
 
-def test_tool_history_in_messages_is_refused(node) -> None:
-    r = httpx.post(node.v1 + "/chat/completions", timeout=60, json={
-        "model": CHAT, "max_tokens": 1, "messages": [
-            {"role": "user", "content": "weather?"},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]}]})
+def test_tool_history_in_messages_is_checked(node) -> None:
+    history = [{"role": "user", "content": "weather?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+               {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    r = httpx.post(node.v1 + "/chat/completions", timeout=60,
+                   json={"model": CHAT, "max_tokens": 1, "messages": history})
+    assert r.status_code == 200, r.text
+    history[1]["tool_calls"][0].pop("id")
+    r = httpx.post(node.v1 + "/chat/completions", timeout=60,
+                   json={"model": CHAT, "max_tokens": 1, "messages": history})
     assert r.status_code == 400 and "tool_calls" in r.json()["error"]["message"]

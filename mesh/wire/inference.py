@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from mesh import errors
 
-__all__ = ["VERSION", "Sampling", "Message", "ResponseFormat", "TopLogprob", "TokenLogprob",
+__all__ = ["VERSION", "Sampling", "ToolCall", "Tool", "Message", "ResponseFormat", "TopLogprob", "TokenLogprob",
            "Generate", "Embed", "Transcribe", "Request",
            "Usage", "Delta", "Done", "Result", "Failed", "Heartbeat", "Event",
            "encode_request", "decode_request", "encode_event", "decode_event",
@@ -63,10 +63,28 @@ class Sampling(_Wire):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+class ToolCall(_Wire):
+    """A function call the model made: `arguments` is a JSON text, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+class Tool(_Wire):
+    """A function the model may call; `parameters` is a JSON schema (mesh/wire/schema.py)."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
 class Message(_Wire):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str = ""
     name: str | None = None
+    tool_calls: tuple[ToolCall, ...] = Field((), strict=False)   # assistant turns
+    tool_call_id: str | None = None                              # tool results
 
 
 class ResponseFormat(_Wire):
@@ -94,6 +112,10 @@ class Generate(_Wire):
     logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: tuple[Annotated[tuple[int, float], Field(strict=False)], ...] = Field(
         (), strict=False)                    # (token id, bias -100..100) pairs
+    tools: tuple[Tool, ...] = Field((), strict=False)
+    # "required": some tool call is forced; a tool's name: that one is; "none": no tools
+    tool_choice: str = "none"
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _one_input(self) -> "Generate":
@@ -165,11 +187,12 @@ class Delta(_Wire):
     kind: Literal["delta"] = "delta"
     text: str
     logprobs: tuple[TokenLogprob, ...] = Field((), strict=False)
+    tool_calls: tuple[ToolCall, ...] = Field((), strict=False)
 
 
 class Done(_Wire):
     kind: Literal["done"] = "done"
-    finish_reason: str = "stop"        # stop | length | cancelled
+    finish_reason: str = "stop"        # stop | length | cancelled | tool_calls
     usage: Usage = Field(default_factory=Usage)
 
 

@@ -96,6 +96,7 @@ import llama_cpp
 import numpy as np
 
 from mesh.wire.inference import Delta, Done, Failed, TokenLogprob, TopLogprob, Usage
+from node.backends import tools
 
 log = logging.getLogger("node.backends.batching")
 
@@ -229,6 +230,8 @@ class Job:
     constrained: bool = False      # has a grammar (in `grammar` or in its chain)
     n_logprobs: int | None = None  # report logprobs with this many alternatives
     pending_lp: list[Any] = field(default_factory=list)   # TokenLogprob not yet sent
+    tool_mode: bool = False        # output is tool-call blocks: held, parsed at the end
+    held: list[str] = field(default_factory=list)
 
     @property
     def argmax(self) -> bool:
@@ -481,7 +484,9 @@ class BatchScheduler:
             return
         job.next_token = tok
         text, stopped = job.text.push(self._piece(tok))
-        if text:
+        if text and job.tool_mode:
+            job.held.append(text)
+        elif text:
             if not self._send(job, self._delta(job, text)):
                 self._finish(slot, "cancelled", quiet=True)
                 return
@@ -507,7 +512,17 @@ class BatchScheduler:
                       job.t_first - job.t_submit, time.perf_counter() - job.t_submit)
         if quiet:
             return
-        if flush and reason != "cancelled":
+        if job.tool_mode and reason != "cancelled":
+            text, _ = job.text.push(b"", final=True) if flush else ("", False)
+            raw = "".join(job.held) + text
+            calls = tools.parse(raw) if reason == "stop" else []
+            if calls:
+                self._send(job, Delta(text="", tool_calls=tuple(calls),
+                                      logprobs=tuple(job.pending_lp)))
+                reason = "tool_calls"
+            elif raw or job.pending_lp:
+                self._send(job, self._delta(job, raw))
+        elif flush and reason != "cancelled":
             text, _ = job.text.push(b"", final=True)
             if text or job.pending_lp:
                 self._send(job, self._delta(job, text))

@@ -36,9 +36,9 @@ from llama_cpp._logger import set_verbose
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from mesh.wire.inference import Embed, Generate, ResponseFormat
+from mesh.wire.inference import Embed, Generate
 from mesh.wire.schema import check_schema
-from node.backends import RequestError
+from node.backends import RequestError, tools
 from node.backends.batching import BatchScheduler, Job, Sampling
 from node.rpc import split_params
 
@@ -82,6 +82,7 @@ class LlamaBackend:
         template = config.get("chat_template") or self.model.metadata().get("tokenizer.chat_template")
         self.formatter = (Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos,
                                               stop_token_ids=[eos_id]) if template else None)
+        self.template_has_tools = bool(template and "tools" in template)
         self.eos_text = eos
 
     # ------------------------------------------------------------------ info
@@ -99,9 +100,12 @@ class LlamaBackend:
         if req.messages is not None:
             if self.formatter is None:
                 raise RequestError("this model has no chat template; use /v1/completions")
-            messages = [m.model_dump(exclude_none=True) for m in req.messages]
+            messages = tools.template_messages(req, self.template_has_tools)
+            offered = (tools.template_tools(req.tools)
+                       if req.tools and self.template_has_tools
+                       else None)
             try:
-                result = self.formatter(messages=messages)
+                result = self.formatter(messages=messages, tools=offered)
             except Exception as exc:  # jinja raise_exception() from the template
                 raise RequestError(f"chat template rejected the messages: {exc}",
                                    param="messages") from exc
@@ -132,14 +136,26 @@ class LlamaBackend:
         p = {**self.defaults, **req.sampling.given(), "logit_bias": req.logit_bias}
         return Job(prompt=prompt, max_tokens=max_tokens, stops=list(req.stop) + extra_stop,
                    sampling=Sampling.from_params(p), emit=emit, cancel=cancel,
-                   grammar=self._grammar(req.response_format), n_logprobs=req.logprobs)
+                   grammar=self._grammar(req), n_logprobs=req.logprobs,
+                   tool_mode=tools.forced(req))
 
-    def _grammar(self, rf: ResponseFormat | None) -> Any:
-        """A fresh grammar sampler for `rf` (None for free text). Grammars are parsed
-        once per schema (GRAMMAR_CACHE of them kept) and cloned for each request."""
-        if rf is None:
+    def _grammar(self, req: Generate) -> Any:
+        """A fresh grammar sampler for the request's constraint (None for free text).
+        Grammars are parsed once per schema (GRAMMAR_CACHE kept) and cloned per request."""
+        rf = req.response_format
+        if req.tools and req.tool_choice == "auto":
+            raise RequestError("tool_choice 'auto' is not supported yet; use 'required' or "
+                               "name a function", param="tool_choice",
+                               code="unsupported_parameter")
+        if tools.forced(req):
+            if rf is not None:
+                raise RequestError("response_format cannot be combined with a forced tool "
+                                   "call", param="response_format")
+            text = tools.grammar(req)
+            key, make = "tools:" + hashlib.sha256(text.encode()).hexdigest(), lambda: text
+        elif rf is None:
             return None
-        if rf.type == "json_object":
+        elif rf.type == "json_object":
             key, make = "json_object", lambda: JSON_GBNF
         else:
             schema = rf.json_schema if rf.json_schema is not None else {}
