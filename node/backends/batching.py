@@ -40,10 +40,13 @@ llama-cpp-python's `Llama._init_sampler`, so a seed means the same thing as befo
 Plain greedy (temperature 0, no penalties) takes numpy's argmax of the row's logits
 instead: the same token (first maximum, as llama.cpp's greedy sampler), 24 us instead of
 117 us per row here, ~2% of a step at 8 rows.
-Constrained rows (`response_format`) put a grammar sampler (llama.cpp's GBNF engine)
-into their chain right after the penalties, so a constrained and a free request share one
-batch; the grammar, parsed once per schema in the backend, is cloned per request. Such a
-row always goes through its chain (the argmax shortcut is for unconstrained rows only).
+Constrained rows (`response_format`, forced tool calls) carry a grammar sampler
+(llama.cpp's GBNF engine; parsed once per schema in the backend, cloned per request), so
+a constrained and a free request share one batch. They sample as llama.cpp's common
+sampler does: the free chain picks a token, the grammar checks just that token, and only
+when it refuses is the grammar applied to the whole vocabulary (it walks every token's
+text) before the chain samples again. Such rows never
+take the argmax shortcut.
 
 Logprobs, when asked: the log-softmax of the row's raw logits (the model's distribution,
 before temperature or top-k), the sampled token's value and the n most likely tokens;
@@ -137,9 +140,8 @@ class Sampling:
             seed=None if p.get("seed") is None else int(p["seed"]),
             logit_bias=tuple((int(t), float(b)) for t, b in p.get("logit_bias") or ()))
 
-    def chain(self, n_vocab: int, grammar: Any = None) -> llama_cpp.llama_sampler_p:
-        """A new llama.cpp sampler chain (free with llama_sampler_free); it takes
-        ownership of `grammar`, a grammar sampler, which goes right after the penalties."""
+    def chain(self, n_vocab: int) -> llama_cpp.llama_sampler_p:
+        """A new llama.cpp sampler chain (free with llama_sampler_free)."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
         if self.penalised:
@@ -150,8 +152,6 @@ class Sampling:
             arr = (llama_cpp.llama_logit_bias * len(self.logit_bias))(
                 *[llama_cpp.llama_logit_bias(token=t, bias=b) for t, b in self.logit_bias])
             add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(self.logit_bias), arr))
-        if grammar is not None:
-            add(grammar)
         if self.temperature <= 0:
             add(llama_cpp.llama_sampler_init_greedy())
             return chain
@@ -225,8 +225,7 @@ class Job:
     chain: Any = None
     text: TextStream | None = None
     t_first: float | None = None
-    grammar: Any = None            # a grammar sampler (llama_sampler_init_grammar), or None;
-                                   # handed to the chain when the request starts
+    grammar: Any = None            # a grammar sampler (llama_sampler_init_grammar), or None
     constrained: bool = False      # has a grammar (in `grammar` or in its chain)
     n_logprobs: int | None = None  # report logprobs with this many alternatives
     pending_lp: list[Any] = field(default_factory=list)   # TokenLogprob not yet sent
@@ -370,7 +369,8 @@ class BatchScheduler:
                 logits = llama_cpp.llama_get_logits_ith(self.ctx, row)
                 tok = int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
             else:
-                tok = llama_cpp.llama_sampler_sample(job.chain, self.ctx, row)
+                tok = (self._sample_constrained(job, row) if job.constrained else
+                       llama_cpp.llama_sampler_sample(job.chain, self.ctx, row))
             if job.n_logprobs is not None and not llama_cpp.llama_vocab_is_eog(self.vocab, tok):
                 job.pending_lp.append(self._logprob(row, tok, job.n_logprobs))
             self._on_token(slot, tok)
@@ -416,8 +416,7 @@ class BatchScheduler:
         slot.job, slot.last_used = job, next(self._use)
         job.n_cached = job.n_fed = n_keep
         job.text = TextStream(job.stops)
-        job.chain = None if job.argmax else job.sampling.chain(self.n_vocab, job.grammar)
-        job.grammar = None if job.chain is not None else job.grammar   # the chain owns it
+        job.chain = None if job.argmax else job.sampling.chain(self.n_vocab)
         if job.sampling.penalised:
             for t in job.prompt[-PENALTY_LAST_N:]:
                 llama_cpp.llama_sampler_accept(job.chain, t)
@@ -535,6 +534,9 @@ class BatchScheduler:
         if job.chain is not None:
             llama_cpp.llama_sampler_free(job.chain)
             job.chain = None
+        if job.grammar is not None:
+            llama_cpp.llama_sampler_free(job.grammar)
+            job.grammar = None
         llama_cpp.llama_memory_seq_rm(self.mem, slot.id, -1, -1)
         slot.cache.clear()
         self._send(job, Failed(error="BackendError", message=message, code="backend_error"))
@@ -554,6 +556,41 @@ class BatchScheduler:
             log.warning("dropping a request: cannot send its frame (%s)", exc)
             job.cancel.set()
             return False
+
+    def _candidates(self, row: int) -> Any:
+        """The row's logits as a llama_token_data_array (reused buffer, no sort)."""
+        if getattr(self, "_cand", None) is None:
+            self._cand = np.zeros(self.n_vocab, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+            self._cand["id"] = np.arange(self.n_vocab, dtype=np.int32)
+            self._one = (llama_cpp.llama_token_data * 1)()
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, row),
+                                       shape=(self.n_vocab,))
+        self._cand["logit"] = logits
+        self._cand["p"] = 0.0
+        return llama_cpp.llama_token_data_array(
+            data=self._cand.ctypes.data_as(llama_cpp.llama_token_data_p), size=self.n_vocab,
+            selected=-1, sorted=False)
+
+    def _sample_constrained(self, job: Job, row: int) -> int:
+        """Sample as llama.cpp's common sampler does: the free chain first; the grammar
+        checks that one token; only when it refuses is the grammar applied to the whole
+        vocabulary (slow: it walks every token's text) before the chain samples again.
+        Then the grammar and the chain both accept the token."""
+        cur = self._candidates(row)
+        llama_cpp.llama_sampler_apply(job.chain, ctypes.byref(cur))
+        tok = int(cur.data[cur.selected].id)
+        one = self._one
+        one[0].id, one[0].logit, one[0].p = tok, 1.0, 0.0
+        single = llama_cpp.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(job.grammar, ctypes.byref(single))
+        if not np.isfinite(one[0].logit):
+            cur = self._candidates(row)
+            llama_cpp.llama_sampler_apply(job.grammar, ctypes.byref(cur))
+            llama_cpp.llama_sampler_apply(job.chain, ctypes.byref(cur))
+            tok = int(cur.data[cur.selected].id)
+        llama_cpp.llama_sampler_accept(job.grammar, tok)
+        llama_cpp.llama_sampler_accept(job.chain, tok)
+        return tok
 
     def _delta(self, job: Job, text: str) -> Delta:
         lps, job.pending_lp = tuple(job.pending_lp), []
