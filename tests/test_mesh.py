@@ -115,6 +115,29 @@ def test_embeddings_and_transcription_proxy(mesh, speech_wav):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
 
+def test_constraints_travel_with_a_proxied_request(mesh):
+    """json_schema, a forced tool call and logprobs through b, served by a."""
+    client = openai.OpenAI(base_url=mesh["b"].v1, api_key="unused", max_retries=0, timeout=120)
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
+                                               "count": {"type": "integer"}},
+              "required": ["colour", "count"], "additionalProperties": False}
+    raw = client.chat.completions.with_raw_response.create(
+        model=CHAT, messages=[{"role": "user", "content": "Pick a colour and a number."}],
+        max_tokens=60, temperature=0, logprobs=True, top_logprobs=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+    assert raw.headers["x-mesh-node"] == "a"
+    r = raw.parse()
+    obj = json.loads(r.choices[0].message.content)
+    assert set(obj) == {"colour", "count"} and obj["colour"] in ("red", "green", "blue")
+    assert "".join(t.token for t in r.choices[0].logprobs.content) == r.choices[0].message.content
+    tool = {"type": "function", "function": {"name": "paint", "parameters": schema}}
+    r = client.chat.completions.create(
+        model=CHAT, messages=[{"role": "user", "content": "Paint something."}], tools=[tool],
+        tool_choice="required", max_tokens=80, temperature=0, parallel_tool_calls=False)
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "paint" and set(json.loads(call.function.arguments)) == {"colour", "count"}
+
+
 def test_disconnect_through_the_proxy_cancels_on_the_peer(mesh):
     client = openai.OpenAI(base_url=mesh["c"].v1, api_key="x", max_retries=0)
     with client.chat.completions.create(model=CHAT, stream=True, max_tokens=2000, messages=[
