@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncContextManager, AsyncIterator, Protocol
 
@@ -125,7 +124,6 @@ class Call:
     _events: AsyncIterator[Event]
     _stack: contextlib.AsyncExitStack
     deadline: float
-    _done: bool = False
 
     @property
     def served_by(self) -> str:
@@ -136,7 +134,6 @@ class Call:
         while True:
             yield ev
             if isinstance(ev, (Done, Result, Failed)):
-                self._done = True
                 return
             try:
                 ev = await _next_event(self._events, self.deadline)
@@ -169,7 +166,6 @@ class Router:
     request_timeout: float = DEFAULT_TIMEOUT
     in_flight_to: dict[str, int] = field(default_factory=dict)
     silent_since: dict[str, float] = field(default_factory=dict)
-    created: int = field(default_factory=lambda: int(time.time()))
 
     # ------------------------------------------------------------- ranking
     def plan(self, model: str, *, proxied: bool = False, kind: str = "generate") -> list[Target]:

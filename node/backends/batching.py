@@ -226,7 +226,6 @@ class Job:
     text: TextStream | None = None
     t_first: float | None = None
     grammar: Any = None            # a grammar sampler (llama_sampler_init_grammar), or None
-    constrained: bool = False      # has a grammar (in `grammar` or in its chain)
     n_logprobs: int | None = None  # report logprobs with this many alternatives
     pending_lp: list[Any] = field(default_factory=list)   # TokenLogprob not yet sent
     tool_mode: bool = False        # output is tool-call blocks: held, parsed at the end
@@ -237,8 +236,9 @@ class Job:
         """Plain greedy with no grammar: numpy's argmax instead of the sampler chain."""
         return self.sampling.greedy and not self.constrained
 
-    def __post_init__(self) -> None:
-        self.constrained = self.grammar is not None
+    @property
+    def constrained(self) -> bool:
+        return self.grammar is not None
 
     @property
     def prefilling(self) -> bool:
@@ -295,6 +295,10 @@ class BatchScheduler:
         self.slots = [Slot(i) for i in range(n_slots)]
         self._use = itertools.count(1)
         self._pieces: dict[int, bytes] = {}
+        # candidate buffers of constrained rows (_candidates, _sample_constrained)
+        self._cand = np.zeros(self.n_vocab, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+        self._cand["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        self._one = (llama_cpp.llama_token_data * 1)()
         self._queue: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -559,10 +563,6 @@ class BatchScheduler:
 
     def _candidates(self, row: int) -> Any:
         """The row's logits as a llama_token_data_array (reused buffer, no sort)."""
-        if getattr(self, "_cand", None) is None:
-            self._cand = np.zeros(self.n_vocab, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
-            self._cand["id"] = np.arange(self.n_vocab, dtype=np.int32)
-            self._one = (llama_cpp.llama_token_data * 1)()
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, row),
                                        shape=(self.n_vocab,))
         self._cand["logit"] = logits

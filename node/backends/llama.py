@@ -36,6 +36,7 @@ from llama_cpp._logger import set_verbose
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
+from mesh.errors import BadRequest
 from mesh.wire.inference import Embed, Generate
 from mesh.wire.schema import check_schema
 from node.backends import RequestError, tools
@@ -151,8 +152,10 @@ class LlamaBackend:
             if rf is not None:
                 raise RequestError("response_format cannot be combined with a forced tool "
                                    "call", param="response_format")
-            text = tools.grammar(req)
-            key, make = "tools:" + hashlib.sha256(text.encode()).hexdigest(), lambda: text
+            spec = json.dumps([[t.model_dump() for t in req.tools], req.tool_choice,
+                               req.parallel_tool_calls], sort_keys=True)
+            key = "tools:" + hashlib.sha256(spec.encode()).hexdigest()
+            make = lambda: tools.grammar(req)  # noqa: E731
         elif rf is None:
             return None
         elif rf.type == "json_object":
@@ -168,6 +171,8 @@ class LlamaBackend:
             if base is None:
                 try:
                     gbnf = make()
+                except BadRequest:         # a schema outside the subset: already a 400
+                    raise
                 except Exception as exc:   # the converter raises ValueError, KeyError, ...
                     raise RequestError(f"could not turn the JSON schema into a grammar: {exc}",
                                        param="response_format", code="invalid_schema") from exc
