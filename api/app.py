@@ -11,12 +11,16 @@ from __future__ import annotations
 from quart_trio import QuartTrio
 
 from api import errors
+from api.anthropic_routes import bp as anthropic_bp
 from api.auth import AuthMiddleware
 from api.drain import DrainUnreadBody
 from api.key_routes import bp as keys_bp
 from api.mesh_routes import bp as mesh_bp
 from api.model_routes import bp as models_bp
+from api.ollama_routes import bp as ollama_bp
 from api.openai_routes import bp as openai_bp
+from api.responses_routes import bp as responses_bp
+from api.speech_routes import bp as speech_bp
 
 
 def create_app(services) -> QuartTrio:
@@ -27,6 +31,10 @@ def create_app(services) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = services.config.max_body_bytes
     app.config["MESH"] = services
     app.register_blueprint(openai_bp)
+    app.register_blueprint(responses_bp)
+    app.register_blueprint(anthropic_bp)
+    app.register_blueprint(ollama_bp)
+    app.register_blueprint(speech_bp)
     app.register_blueprint(mesh_bp)
     app.register_blueprint(models_bp)
     app.register_blueprint(keys_bp)

@@ -4,9 +4,11 @@ Policy (docs/architecture.md, "Security"):
 - No live key in the mesh: the node is open, except key management, which is then
   accepted only from loopback (the owner makes the first, admin, key on the machine).
 - Otherwise every route but /health, /readyz and /openapi.json needs
-  `Authorization: Bearer mk-...`: 401 when missing, unknown or revoked; 403 when the
-  key lacks the route's feature. Failed attempts are counted per client address:
-  more than FAILS_PER_WINDOW in FAIL_WINDOW seconds -> 429 until the window passes.
+  `Authorization: Bearer mk-...` (or `x-api-key: mk-...`, as the Anthropic SDK sends
+  it): 401 when missing, unknown or revoked; 403 when the key lacks the route's feature
+  (the error body in the route's dialect, api/errors.py). Failed attempts are counted
+  per client address: more than FAILS_PER_WINDOW in FAIL_WINDOW seconds -> 429 until the
+  window passes.
 - Concurrent requests per key are capped (`max_concurrent_per_key`), streams included
   (the middleware sees the whole response, which a Quart hook would not).
 - The caller's identity and features go into `scope.extensions["mesh.caller"]`; the
@@ -26,8 +28,15 @@ from mesh.errors import AuthError, MeshError, PermissionDenied, RateLimited
 FAIL_WINDOW = 60.0
 FAILS_PER_WINDOW = 10
 OPEN_PATHS = {"/health", "/readyz", "/openapi.json"}
-_FEATURES = (("/v1/chat/", "chat"), ("/v1/completions", "completions"),
-             ("/v1/embeddings", "embeddings"), ("/v1/audio/", "audio"), ("/v1/models", "models"),
+# The feature each route needs (longest prefix first where they overlap). The dialects map
+# onto the same features: a key that may chat may chat in any dialect.
+_FEATURES = (("/v1/chat/", "chat"), ("/v1/responses", "chat"), ("/v1/messages", "chat"),
+             ("/api/chat", "chat"), ("/v1/completions", "completions"),
+             ("/api/generate", "completions"), ("/tokenize", "completions"),
+             ("/detokenize", "completions"), ("/v1/embeddings", "embeddings"),
+             ("/api/embed", "embeddings"), ("/v1/audio/", "audio"), ("/v1/models", "models"),
+             ("/api/tags", "models"), ("/api/ps", "models"), ("/api/show", "models"),
+             ("/api/version", "models"), ("/api/", "admin"),   # pull, delete, copy, create
              ("/mesh/", "admin"), ("/metrics", "admin"))
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
@@ -39,8 +48,8 @@ def feature_for(path: str) -> str | None:
     return None
 
 
-def _error(cls: type[MeshError], message: str, code: str):
-    return asgi_error(cls(message, code=code))
+def _error(cls: type[MeshError], message: str, code: str, path: str = "/"):
+    return asgi_error(cls(message, code=code), path)
 
 
 class AuthMiddleware:
@@ -86,7 +95,7 @@ class AuthMiddleware:
             if path.startswith("/mesh/keys") and client not in _LOOPBACK:
                 return _error(PermissionDenied, "while the mesh has no API key, keys can only be managed "
                                    "from the node's own machine (loopback)",
-                              "loopback_only")
+                              "loopback_only", path)
             return None
         fails = self.fails.get(client) or deque()
         now = time.monotonic()
@@ -96,26 +105,28 @@ class AuthMiddleware:
             self.fails.pop(client, None)
         if len(fails) >= FAILS_PER_WINDOW:
             return _error(RateLimited, "too many failed authentication attempts; try again later",
-                          "rate_limit_exceeded")
+                          "rate_limit_exceeded", path)
         presented = None
         for k, v in scope.get("headers") or []:
             if k == b"authorization":
                 value = v.decode("latin-1")
                 if value[:7].lower() == "bearer ":
                     presented = value[7:].strip()
+            elif k == b"x-api-key" and presented is None:   # the Anthropic SDK's header
+                presented = v.decode("latin-1").strip()
         rec = self.keyring.verify(presented)
         if rec is None:
             fails.append(now)
             self.fails[client] = fails
             msg = ("You didn't provide an API key. Send it as 'Authorization: Bearer KEY'."
                    if not presented else "Incorrect or revoked API key provided.")
-            return _error(AuthError, msg, "invalid_api_key")
+            return _error(AuthError, msg, "invalid_api_key", path)
         denied = self._feature(rec.features, path)
         if denied is not None:
             return denied
         if self.max_concurrent and self.active[rec.key_id] >= self.max_concurrent:
             return _error(RateLimited, f"key {rec.name!r} already has {self.max_concurrent} requests "
-                               "in progress", "concurrency_limit")
+                               "in progress", "concurrency_limit", path)
         ext["mesh.caller"] = {"name": rec.name, "key_id": rec.key_id,
                               "features": list(rec.features)}
         return None
@@ -126,4 +137,4 @@ class AuthMiddleware:
         if need is None or "admin" in features or need in features:
             return None
         return _error(PermissionDenied, f"this API key does not have the '{need}' feature",
-                      "feature_not_granted")
+                      "feature_not_granted", path)

@@ -1,8 +1,13 @@
 """THE table from mesh/errors.py's tree to HTTP, and the one place errors become responses.
 
 Every route, the auth middleware and the streaming adapters render errors through
-``status_of`` / ``openai_error`` here; the most specific class in the table wins (walk the
+``status_of`` / ``render`` here; the most specific class in the table wins (walk the
 MRO), so a new subclass inherits its parent's row until it needs its own.
+
+Each dialect gets its own error body, chosen by the request's path (``dialect_of``):
+    openai     {"error": {"message", "type", "param", "code"}}        everything else
+    anthropic  {"type": "error", "error": {"type", "message"}}        /v1/messages...
+    ollama     {"error": "message"}                                   /api/...
 
     class              status  OpenAI type
     BadRequest          400    invalid_request_error
@@ -71,13 +76,45 @@ def openai_error(exc: E.MeshError) -> dict[str, Any]:
     return {"error": err}
 
 
+# Anthropic's error types by status (https://docs.anthropic.com/en/api/errors).
+_ANTHROPIC = {400: "invalid_request_error", 401: "authentication_error",
+              403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+              429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def anthropic_error(exc: E.MeshError) -> dict[str, Any]:
+    kind = _ANTHROPIC.get(status_of(exc), "api_error")
+    return {"type": "error", "error": {"type": kind, "message": exc.message}}
+
+
+def ollama_error(exc: E.MeshError) -> dict[str, Any]:
+    return {"error": exc.message}
+
+
+RENDER = {"openai": openai_error, "anthropic": anthropic_error, "ollama": ollama_error}
+
+
+def dialect_of(path: str) -> str:
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    if path.startswith("/api/"):
+        return "ollama"
+    return "openai"
+
+
+def render(exc: E.MeshError, dialect: str = "openai") -> dict[str, Any]:
+    """The error body in `dialect`'s shape (the status is ``status_of(exc)``)."""
+    return RENDER[dialect](exc)
+
+
 def error_response(exc: E.MeshError) -> Response:
-    return json_response(openai_error(exc), status=status_of(exc))
+    from quart import request
+    return json_response(render(exc, dialect_of(request.path)), status=status_of(exc))
 
 
-def asgi_error(exc: E.MeshError) -> tuple[int, bytes]:
+def asgi_error(exc: E.MeshError, path: str = "/") -> tuple[int, bytes]:
     """(status, JSON body) for ASGI middleware that answers before the app."""
-    return status_of(exc), json.dumps(openai_error(exc)).encode()
+    return status_of(exc), json.dumps(render(exc, dialect_of(path))).encode()
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -106,6 +143,7 @@ _HTTP = {400: E.BadRequest, 401: E.AuthError, 403: E.PermissionDenied, 404: E.No
 
 def from_http(exc: HTTPException) -> Response:
     """Quart/werkzeug's own errors (unknown route, 405, 413) in the same shape."""
+    from quart import request
     status = exc.code or 500
     code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(status)
     msg = exc.description or exc.name
@@ -114,7 +152,7 @@ def from_http(exc: HTTPException) -> Response:
     elif status == 413:
         msg = "Request body is larger than this node accepts"
     err = _HTTP.get(status, E.MeshError)(msg, code=code)
-    return json_response(openai_error(err), status=status)
+    return json_response(render(err, dialect_of(request.path)), status=status)
 
 
 def install(app) -> None:

@@ -20,26 +20,23 @@ import uuid
 from typing import Any, AsyncIterator, Callable
 
 import numpy as np
-from quart import Blueprint, Response, current_app, request
+from quart import Blueprint, Response, request
 
 from api import transcripts
 from api.body import DONE, json_body, sse, sse_response
+from api.common import (check_tool_choice, collect, function_tool, json_constraint,
+                        limit_tokens, node_headers, open_call, result, services)
 from api.errors import json_response, openai_error
 from api.schemas import (CHAT_FIELDS, COMPLETION_FIELDS, NEUTRAL, ChatRequest,
                          CompletionRequest, EmbeddingRequest, TranscriptionForm)
-from mesh.errors import BadRequest, MeshError, ModelNotFound, UnsupportedMedia
+from mesh.errors import BadRequest, ModelNotFound, UnsupportedMedia
 from mesh.router import Call
-from mesh.wire.inference import (Delta, Done, Embed, Failed, Generate, Message, Result,
-                                 Sampling, TokenLogprob, Tool, ToolCall, Transcribe, Usage,
+from mesh.wire.inference import (Delta, Done, Embed, Failed, Generate, Message,
+                                 Sampling, Tool, ToolCall, Transcribe, Usage,
                                  error_from_failed)
 from mesh.wire.inference import ResponseFormat as Constraint
-from mesh.wire.schema import check_schema
 
 bp = Blueprint("openai", __name__)
-
-def _services():
-    return current_app.config["MESH"]
-
 
 def _refuse_unsupported(req, table: dict[str, str]) -> None:
     """A 400 naming the first field of `table`'s refused ones that asks for something."""
@@ -49,46 +46,24 @@ def _refuse_unsupported(req, table: dict[str, str]) -> None:
                              "the request", param=name, code="unsupported_parameter")
 
 
-def _caller() -> dict[str, Any] | None:
-    return (request.scope.get("extensions") or {}).get("mesh.caller")
-
-
-def _headers(call: Call | None = None) -> dict[str, str]:
-    svc = _services()
-    node = call.served_by if call is not None and call.target.peer is not None else svc.node_name
-    return {"x-mesh-node": node}
-
-
-def _limit_tokens(n: int | None) -> int | None:
-    cap = _services().config.max_tokens_limit
-    if cap and n is not None and n > cap:
-        raise BadRequest(f"max_tokens is {n}, above this mesh's limit of {cap}",
-                         param="max_tokens", code="invalid_value")
-    return cap if (cap and n is None) else n
-
-
 def _usage(u: Usage) -> dict[str, Any]:
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
             "total_tokens": u.total_tokens,
             "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
 
 
-async def _open(req) -> Call:
-    return await _services().router.open(req, caller=_caller())
-
-
 # ------------------------------------------------------------------ models
 @bp.get("/v1/models")
 async def list_models():
-    return json_response({"object": "list", "data": _services().router.model_cards()},
-                         headers=_headers())
+    return json_response({"object": "list", "data": services().router.model_cards()},
+                         headers=node_headers())
 
 
 @bp.get("/v1/models/<path:model_id>")
 async def get_model(model_id: str):
-    for card in _services().router.model_cards():
+    for card in services().router.model_cards():
         if card["id"] == model_id:
-            return json_response(card, headers=_headers())
+            return json_response(card, headers=node_headers())
     raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
 
 
@@ -117,26 +92,7 @@ def _stream(call: Call, chunk: Chunk, first: dict[str, Any] | None,
         finally:
             await call.aclose()
 
-    return sse_response(body(), headers=_headers(call))
-
-
-async def _collect(call: Call) -> tuple[str, str, Usage, list[TokenLogprob], list[ToolCall]]:
-    text: list[str] = []
-    lps: list[TokenLogprob] = []
-    calls: list[ToolCall] = []
-    try:
-        async for ev in call.events():
-            if isinstance(ev, Delta):
-                text.append(ev.text)
-                lps.extend(ev.logprobs)
-                calls.extend(ev.tool_calls)
-            elif isinstance(ev, Done):
-                return "".join(text), ev.finish_reason, ev.usage, lps, calls
-            elif isinstance(ev, Failed):
-                raise error_from_failed(ev)
-    finally:
-        await call.aclose()
-    raise MeshError("the generation ended without a result")
+    return sse_response(body(), headers=node_headers(call))
 
 
 def _sampling(req) -> Sampling:
@@ -144,16 +100,13 @@ def _sampling(req) -> Sampling:
 
 
 def _constraint(rf) -> Constraint | None:
-    """`response_format` as the worker's constraint; a schema outside the enforced subset
-    (mesh/wire/schema.py) is a 400 naming the keyword."""
+    """`response_format` as the worker's constraint."""
     if rf is None or rf.type == "text":
         return None
     if rf.type == "json_object" and rf.schema_ is None:
-        return Constraint(type="json_object")
+        return json_constraint(None)
     inner = rf.json_schema.schema_ if rf.json_schema is not None else rf.schema_
-    schema = inner if inner is not None else {}
-    check_schema(schema)
-    return Constraint(type="json_schema", json_schema=schema)
+    return json_constraint(inner if inner is not None else {})
 
 
 def _tools(req) -> tuple[tuple[Tool, ...], str]:
@@ -161,14 +114,11 @@ def _tools(req) -> tuple[tuple[Tool, ...], str]:
     tools = []
     for i, t in enumerate(req.tools or []):
         fn = t.get("function") if isinstance(t, dict) else None
-        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict) \
-                or not isinstance(fn.get("name"), str):
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict):
             raise BadRequest(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}",
                              param=f"tools[{i}]")
-        params = fn.get("parameters") or {"type": "object", "properties": {}}
-        check_schema(params, param=f"tools[{i}].function.parameters")
-        tools.append(Tool(name=fn["name"], description=str(fn.get("description") or ""),
-                          parameters=params))
+        tools.append(function_tool(fn.get("name"), fn.get("description"), fn.get("parameters"),
+                                   f"tools[{i}].function"))
     choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name")
@@ -176,11 +126,7 @@ def _tools(req) -> tuple[tuple[Tool, ...], str]:
             raise BadRequest("tool_choice must be none, auto, required or "
                              "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
         choice = name
-    if choice not in ("none", "auto", "required") and choice not in {t.name for t in tools}:
-        raise BadRequest(f"tool_choice names {choice!r}, which is not among the tools",
-                         param="tool_choice")
-    if choice in ("auto", "required") and not tools:
-        raise BadRequest(f"tool_choice '{choice}' needs tools", param="tool_choice")
+    choice = check_tool_choice(choice, tuple(tools))
     if choice == "auto":
         raise BadRequest("tool_choice 'auto' (the default when tools are given) is not "
                          "supported yet; pass tool_choice 'required' or name a function",
@@ -225,13 +171,13 @@ async def chat_completions():
     except ValueError as exc:
         raise BadRequest(str(exc), param="messages") from exc
     tools, choice = _tools(req)
-    gen = Generate(model=req.model, messages=messages, max_tokens=_limit_tokens(req.limit()),
+    gen = Generate(model=req.model, messages=messages, max_tokens=limit_tokens(req.limit()),
                    stop=tuple(req.stop or ()), sampling=_sampling(req),
                    response_format=_constraint(req.response_format), logprobs=req.n_logprobs(),
                    logit_bias=req.bias(), tools=tools, tool_choice=choice,
                    parallel_tool_calls=req.parallel_tool_calls is not False)
     want_lp = gen.logprobs is not None
-    call = await _open(gen)
+    call = await open_call(gen)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
     if req.stream:
@@ -249,7 +195,9 @@ async def chat_completions():
                                       "logprobs": None, "finish_reason": None}]}
         include = bool(req.stream_options and req.stream_options.include_usage)
         return _stream(call, chunk, first, include)
-    text, finish, usage, lps, calls = await _collect(call)
+    got = await collect(call)
+    text, finish, usage, lps, calls = (got.text, got.finish_reason, got.usage, got.logprobs,
+                                       got.tool_calls)
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
     if calls:
         message = {**message, "content": text or None,
@@ -259,18 +207,18 @@ async def chat_completions():
         "choices": [{"index": 0, "message": message,
                      "logprobs": _chat_logprobs(lps) if want_lp else None,
                      "finish_reason": finish}],
-        "usage": _usage(usage)}, headers=_headers(call))
+        "usage": _usage(usage)}, headers=node_headers(call))
 
 
 @bp.post("/v1/completions")
 async def completions():
     req = await json_body(CompletionRequest)
     _refuse_unsupported(req, COMPLETION_FIELDS)
-    gen = Generate(model=req.model, prompt=req.prompt, max_tokens=_limit_tokens(req.limit()),
+    gen = Generate(model=req.model, prompt=req.prompt, max_tokens=limit_tokens(req.limit()),
                    stop=tuple(req.stop or ()), sampling=_sampling(req), logprobs=req.logprobs,
                    logit_bias=req.bias())
     want_lp = gen.logprobs is not None
-    call = await _open(gen)
+    call = await open_call(gen)
     cid, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model
     echo = req.prompt if req.echo else ""
     base = {"id": cid, "object": "text_completion", "created": created, "model": model}
@@ -287,34 +235,22 @@ async def completions():
                                          "finish_reason": finish}]}
         include = bool(req.stream_options and req.stream_options.include_usage)
         return _stream(call, chunk, chunk(echo, None) if echo else None, include)
-    text, finish, usage, lps, _ = await _collect(call)
+    got = await collect(call)
+    text, finish, usage, lps = got.text, got.finish_reason, got.usage, got.logprobs
     return json_response({
         **base, "choices": [{"text": echo + text, "index": 0,
                              "logprobs": _completion_logprobs(lps, len(echo)) if want_lp else None,
                              "finish_reason": finish}],
-        "usage": _usage(usage)}, headers=_headers(call))
+        "usage": _usage(usage)}, headers=node_headers(call))
 
 
 # ---------------------------------------------------- one-result requests
-async def _result(req) -> tuple[dict[str, Any], Call]:
-    call = await _open(req)
-    try:
-        async for ev in call.events():
-            if isinstance(ev, Result):
-                return ev.data, call
-            if isinstance(ev, Failed):
-                raise error_from_failed(ev)
-    finally:
-        await call.aclose()
-    raise MeshError("the request ended without a result")
-
-
 @bp.post("/v1/embeddings")
 async def embeddings():
     req = await json_body(EmbeddingRequest)
     inputs = (req.input,) if isinstance(req.input, str) else tuple(req.input)
-    result, call = await _result(Embed(model=req.model, inputs=inputs))
-    vectors = result["data"]
+    res, call = await result(Embed(model=req.model, inputs=inputs))
+    vectors = res["data"]
     if req.dimensions is not None:
         if not 1 <= req.dimensions <= len(vectors[0]):
             raise BadRequest(f"dimensions must be between 1 and {len(vectors[0])}",
@@ -328,10 +264,10 @@ async def embeddings():
         if req.encoding_format == "base64":
             emb = base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode()
         data.append({"object": "embedding", "index": i, "embedding": emb})
-    n = int(result.get("prompt_tokens") or 0)
+    n = int(res.get("prompt_tokens") or 0)
     return json_response({"object": "list", "data": data, "model": req.model,
                           "usage": {"prompt_tokens": n, "total_tokens": n}},
-                         headers=_headers(call))
+                         headers=node_headers(call))
 
 
 async def _multipart():
@@ -358,8 +294,8 @@ async def transcriptions():
     audio = upload.read()
     if not audio:
         raise UnsupportedMedia("the uploaded file is empty", param="file")
-    result, call = await _result(Transcribe(
+    res, call = await result(Transcribe(
         model=params.model, audio=audio, language=params.language, prompt=params.prompt,
         temperature=params.temperature))
-    body, mimetype = transcripts.render(result, params.response_format)
-    return Response(body, mimetype=mimetype, headers=_headers(call))
+    body, mimetype = transcripts.render(res, params.response_format)
+    return Response(body, mimetype=mimetype, headers=node_headers(call))

@@ -116,6 +116,11 @@ class Generate(_Wire):
     # "required": some tool call is forced; a tool's name: that one is; "none": no tools
     tool_choice: str = "none"
     parallel_tool_calls: bool = True
+    # n > 1: that many choices from one prompt (its KV computed once, copied to each
+    # choice's sequence); choice i samples with seed + i. Each choice's Deltas carry its
+    # ``index``; a choice ends with a Delta holding its ``finish_reason``, and one Done
+    # (usage over all choices) ends the stream.
+    n: int = Field(1, ge=1, le=16)
 
     @model_validator(mode="after")
     def _one_input(self) -> "Generate":
@@ -188,6 +193,8 @@ class Delta(_Wire):
     text: str
     logprobs: tuple[TokenLogprob, ...] = Field((), strict=False)
     tool_calls: tuple[ToolCall, ...] = Field((), strict=False)
+    index: int = Field(0, ge=0)                 # the choice (Generate.n > 1)
+    finish_reason: str | None = None            # this choice ended (n > 1 only)
 
 
 class Done(_Wire):

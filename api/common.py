@@ -1,0 +1,123 @@
+"""What every dialect adapter shares: the services, the caller, the router call and the
+typed events gathered back, tool and schema checks.
+
+Each dialect (api/openai_routes.py, api/responses_routes.py, api/anthropic_routes.py,
+api/ollama_routes.py) is a thin translation between its JSON and mesh/wire/inference.py;
+the steps they have in common live here so that a rule (a token cap, a schema subset, the
+node header) is written once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from quart import current_app, request
+
+from mesh.errors import BadRequest, MeshError
+from mesh.router import Call
+from mesh.wire.inference import (Delta, Done, Failed, Result, TokenLogprob, Tool, ToolCall,
+                                 Usage, error_from_failed)
+from mesh.wire.inference import ResponseFormat as Constraint
+from mesh.wire.schema import check_schema
+
+
+def services():
+    return current_app.config["MESH"]
+
+
+def caller() -> dict[str, Any] | None:
+    """The authenticated caller (api/auth.py), None on an open mesh."""
+    return (request.scope.get("extensions") or {}).get("mesh.caller")
+
+
+def node_headers(call: Call | None = None) -> dict[str, str]:
+    """`x-mesh-node`: the node that served the request (a peer when proxied)."""
+    svc = services()
+    node = call.served_by if call is not None and call.target.peer is not None else svc.node_name
+    return {"x-mesh-node": node}
+
+
+def limit_tokens(n: int | None, param: str = "max_tokens") -> int | None:
+    """The mesh's token cap (config.max_tokens_limit): a larger ask is a 400, none gets it."""
+    cap = services().config.max_tokens_limit
+    if cap and n is not None and n > cap:
+        raise BadRequest(f"{param} is {n}, above this mesh's limit of {cap}",
+                         param=param, code="invalid_value")
+    return cap if (cap and n is None) else n
+
+
+async def open_call(req) -> Call:
+    return await services().router.open(req, caller=caller())
+
+
+@dataclass
+class Collected:
+    """A whole generation: what a non-streaming answer is built from."""
+    text: str = ""
+    finish_reason: str = "stop"
+    usage: Usage = field(default_factory=Usage)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+async def collect(call: Call) -> Collected:
+    """Read a generation to its Done; a Failed event is raised as its error."""
+    text: list[str] = []
+    out = Collected()
+    try:
+        async for ev in call.events():
+            if isinstance(ev, Delta):
+                text.append(ev.text)
+                out.logprobs.extend(ev.logprobs)
+                out.tool_calls.extend(ev.tool_calls)
+            elif isinstance(ev, Done):
+                out.text, out.finish_reason, out.usage = "".join(text), ev.finish_reason, ev.usage
+                return out
+            elif isinstance(ev, Failed):
+                raise error_from_failed(ev)
+    finally:
+        await call.aclose()
+    raise MeshError("the generation ended without a result")
+
+
+async def result(req) -> tuple[dict[str, Any], Call]:
+    """A one-result request (embeddings, transcription, speech...): its Result's data."""
+    call = await open_call(req)
+    try:
+        async for ev in call.events():
+            if isinstance(ev, Result):
+                return ev.data, call
+            if isinstance(ev, Failed):
+                raise error_from_failed(ev)
+    finally:
+        await call.aclose()
+    raise MeshError("the request ended without a result")
+
+
+def function_tool(name: Any, description: Any, parameters: Any, param: str) -> Tool:
+    """One function tool, its parameters checked against the enforced schema subset."""
+    if not isinstance(name, str) or not name:
+        raise BadRequest(f"{param} needs a function name", param=param)
+    params = parameters or {"type": "object", "properties": {}}
+    check_schema(params, param=f"{param}.parameters")
+    return Tool(name=name, description=str(description or ""), parameters=params)
+
+
+def check_tool_choice(choice: str, tools: tuple[Tool, ...], param: str = "tool_choice") -> str:
+    """`none`, `auto`, `required` or a tool's name, consistent with the tools given."""
+    if choice not in ("none", "auto", "required") and choice not in {t.name for t in tools}:
+        raise BadRequest(f"{param} names {choice!r}, which is not among the tools", param=param)
+    if choice in ("auto", "required") and not tools:
+        raise BadRequest(f"{param} '{choice}' needs tools", param=param)
+    return choice
+
+
+def json_constraint(schema: dict[str, Any] | None,
+                    param: str = "response_format.json_schema.schema") -> Constraint:
+    """Any JSON object (schema None) or JSON valid for `schema`, as the worker's constraint;
+    a schema outside the enforced subset (mesh/wire/schema.py) is a 400 naming the keyword."""
+    if schema is None:
+        return Constraint(type="json_object")
+    check_schema(schema, param=param)
+    return Constraint(type="json_schema", json_schema=schema)
