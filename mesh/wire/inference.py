@@ -201,6 +201,7 @@ class Done(_Wire):
     kind: Literal["done"] = "done"
     finish_reason: str = "stop"        # stop | length | cancelled | tool_calls
     usage: Usage = Field(default_factory=Usage)
+    stop_sequence: str | None = None   # the stop string that ended it (else EOS or other)
 
 
 class Result(_Wire):

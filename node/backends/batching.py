@@ -185,13 +185,15 @@ class TextStream:
         self.stops = [s for s in stops if s]
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""
+        self.matched: str | None = None      # the stop string that ended the text
 
     def push(self, data: bytes, *, final: bool = False) -> tuple[str, bool]:
         """Add bytes; return (text to emit now, whether a stop string was reached).
         With final=True everything still held is released (unless it holds a stop)."""
         held = self._held + self._decoder.decode(data, final)
-        cut = min((i for i in (held.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self.stops if (i := held.find(s)) >= 0]
+        if found:
+            cut, self.matched = min(found, key=lambda f: f[0])
             self._held = ""
             return held[:cut], True
         if final:
@@ -529,7 +531,7 @@ class BatchScheduler:
             text, _ = job.text.push(b"", final=True)
             if text or job.pending_lp:
                 self._send(job, self._delta(job, text))
-        self._send(job, Done(finish_reason=reason,
+        self._send(job, Done(finish_reason=reason, stop_sequence=job.text.matched if job.text else None,
                              usage=_usage(len(job.prompt), job.n_generated, job.n_cached)))
 
     def _fail(self, slot: Slot, message: str) -> None:
