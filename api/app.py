@@ -21,6 +21,7 @@ from api.ollama_routes import bp as ollama_bp
 from api.openai_routes import bp as openai_bp
 from api.responses_routes import bp as responses_bp
 from api.speech_routes import bp as speech_bp
+from api.tokenize_routes import bp as tokenize_bp
 
 
 def create_app(services) -> QuartTrio:
@@ -35,6 +36,7 @@ def create_app(services) -> QuartTrio:
     app.register_blueprint(anthropic_bp)
     app.register_blueprint(ollama_bp)
     app.register_blueprint(speech_bp)
+    app.register_blueprint(tokenize_bp)
     app.register_blueprint(mesh_bp)
     app.register_blueprint(models_bp)
     app.register_blueprint(keys_bp)

@@ -1,4 +1,4 @@
-"""Speech synthesis, /v1/audio/speech, and llama-server's /tokenize and /detokenize (in progress, issue 12)."""
+"""Speech synthesis: /v1/audio/speech (in progress, issue 12)."""
 
 from __future__ import annotations
 

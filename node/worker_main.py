@@ -11,7 +11,8 @@ child -> parent:
     {"id": N, "event": Event}                                            per request
     {"id": -1, "stats": {...}}
 
-Each kind of work has one thread and a FIFO queue (generation, embeddings, audio), so an
+Each kind of work has one thread and a FIFO queue (generation, embeddings, audio, token
+ids), so an
 embedding request never waits behind a long generation; `cancel` and `stats` are answered
 from the reader thread at once. The parent side lives in node/workers.py.
 
@@ -62,12 +63,16 @@ def _load_backend(name: str, model_path: str, config: dict[str, Any]):
     raise SystemExit(f"unknown backend {name!r}")
 
 
+# tokenize and detokenize share a queue: quick, and never behind a generation or an embedding
+_QUEUE = {"tokenize": "tokens", "detokenize": "tokens"}
+
+
 class WorkerServer:
     def __init__(self, framer: SyncFramer, backend) -> None:
         self.framer = framer
         self.backend = backend
         self.cancels: dict[int, threading.Event] = {}
-        self.queues = {k: queue.Queue() for k in ("generate", "embed", "transcribe")}
+        self.queues = {k: queue.Queue() for k in ("generate", "embed", "transcribe", "tokens")}
 
     def run(self) -> None:
         for kind, q in self.queues.items():
@@ -91,7 +96,7 @@ class WorkerServer:
                     self._send(rid, failed_from_error(exc))
                     continue
                 self.cancels[rid] = threading.Event()
-                self.queues[req.kind].put((rid, req))
+                self.queues[_QUEUE.get(req.kind, req.kind)].put((rid, req))
             else:
                 self._send(rid, Failed(error="BadRequest", message=f"unknown op {op!r}",
                                        code="unknown_op"))
@@ -110,6 +115,11 @@ class WorkerServer:
                                          code="model_not_supported", param="model")
                     self.backend.submit(req, self._emitter(rid), cancel)
                     handed_off = True  # it lives on in the backend; _emitter ends it
+                elif kind == "tokens":
+                    if not hasattr(self.backend, req.kind):
+                        raise BadRequest(f"this model does not {req.kind} text",
+                                         code="model_not_supported", param="model")
+                    self._send(rid, Result(data=getattr(self.backend, req.kind)(req)))
                 elif kind == "embed":
                     if not hasattr(self.backend, "embed"):
                         raise BadRequest("this model does not make embeddings",

@@ -7,7 +7,7 @@ a request and events back into the dialect's chunks) through the router
 peer (mesh/proxy.py, `/mesh/openai/2`) and back. Nothing below the API formats OpenAI
 objects or SSE.
 
-    Request  = Generate | Embed | Transcribe
+    Request  = Generate | Embed | Transcribe | Tokenize | Detokenize
     Event    = Delta | Done | Result | Failed | Heartbeat
 
 A generation streams ``Delta`` (text) events and ends with one ``Done`` (finish reason,
@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from mesh import errors
 
 __all__ = ["VERSION", "Sampling", "ToolCall", "Tool", "Message", "ResponseFormat", "TopLogprob", "TokenLogprob",
-           "Generate", "Embed", "Transcribe", "Request",
+           "Generate", "Embed", "Transcribe", "Tokenize", "Detokenize", "Request",
            "Usage", "Delta", "Done", "Result", "Failed", "Heartbeat", "Event",
            "encode_request", "decode_request", "encode_event", "decode_event",
            "failed_from_error", "error_from_failed", "feature_of", "TERMINAL"]
@@ -148,17 +148,45 @@ class Transcribe(_Wire):
     temperature: float = Field(0.0, ge=0, le=1)
 
 
-Request = Annotated[Union[Generate, Embed, Transcribe], Field(discriminator="kind")]
+class Tokenize(_Wire):
+    """Text (or chat messages, rendered by the model's chat template) as the model's token
+    ids; Result data: {"tokens": [...], "pieces": [...] when asked}."""
+    kind: Literal["tokenize"] = "tokenize"
+    model: str
+    content: str | None = None
+    messages: tuple[Message, ...] | None = Field(None, strict=False)
+    add_special: bool = False
+    with_pieces: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "Tokenize":
+        if (self.messages is None) == (self.content is None):
+            raise ValueError("a Tokenize request has either content or messages")
+        return self
+
+
+class Detokenize(_Wire):
+    """Token ids back to text; Result data: {"content": str}."""
+    kind: Literal["detokenize"] = "detokenize"
+    model: str
+    tokens: tuple[int, ...] = Field((), strict=False)
+
+
+Request = Annotated[Union[Generate, Embed, Transcribe, Tokenize, Detokenize],
+                    Field(discriminator="kind")]
 _REQUEST = TypeAdapter(Request)
 
-BACKEND_OF = {"generate": "llama", "embed": "llama", "transcribe": "whisper"}
+BACKEND_OF = {"generate": "llama", "embed": "llama", "transcribe": "whisper",
+              "tokenize": "llama", "detokenize": "llama"}
+_FEATURE = {"embed": "embeddings", "transcribe": "audio", "tokenize": "completions",
+            "detokenize": "completions"}
 
 
-def feature_of(req: Generate | Embed | Transcribe) -> str:
+def feature_of(req) -> str:
     """The API-key feature a request needs (mesh/keys.py FEATURES)."""
     if isinstance(req, Generate):
         return "chat" if req.chat else "completions"
-    return "embeddings" if isinstance(req, Embed) else "audio"
+    return _FEATURE[req.kind]
 
 
 # -------------------------------------------------------------------- events

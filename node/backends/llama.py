@@ -37,7 +37,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from mesh.errors import BadRequest
-from mesh.wire.inference import Embed, Generate
+from mesh.wire.inference import Detokenize, Embed, Generate, Tokenize
 from mesh.wire.schema import check_schema
 from node.backends import RequestError, tools
 from node.backends.batching import BatchScheduler, Job, Sampling
@@ -190,6 +190,35 @@ class LlamaBackend:
         """Queue a generation and return at once; events go to `emit` from the scheduler
         thread. Raises RequestError (nothing emitted) for a request that cannot run."""
         self.scheduler.submit(self._job(req, emit, cancel))
+
+    # ------------------------------------------------------------ token ids
+    def tokenize(self, req: Tokenize) -> dict[str, Any]:
+        if req.messages is not None:
+            toks, _ = self._prompt_tokens(Generate(model=req.model, messages=req.messages))
+        else:
+            toks = self.model.tokenize(req.content.encode("utf-8"), add_bos=req.add_special,
+                                       special=True)
+        out: dict[str, Any] = {"tokens": toks}
+        if req.with_pieces:
+            out["pieces"] = [self._piece_text(t) for t in toks]
+        return out
+
+    def _piece_text(self, tok: int) -> str | list[int]:
+        """llama-server's piece: the text, or its bytes when not valid UTF-8 alone."""
+        raw = self.model.detokenize([tok], special=True)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return list(raw)
+
+    def detokenize(self, req: Detokenize) -> dict[str, Any]:
+        n_vocab = self.model.n_vocab()
+        bad = [t for t in req.tokens if not 0 <= t < n_vocab]
+        if bad:
+            raise RequestError(f"token {bad[0]} is outside this model's vocabulary of "
+                               f"{n_vocab}", param="tokens")
+        raw = self.model.detokenize(list(req.tokens), special=True)
+        return {"content": raw.decode("utf-8", errors="replace")}
 
     # ------------------------------------------------------------ embeddings
     def embed(self, req: Embed) -> dict[str, Any]:
