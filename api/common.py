@@ -52,27 +52,56 @@ async def open_call(req) -> Call:
 
 
 @dataclass
-class Collected:
-    """A whole generation: what a non-streaming answer is built from."""
+class Choice:
     text: str = ""
-    finish_reason: str = "stop"
-    usage: Usage = field(default_factory=Usage)
+    finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
 
 
-async def collect(call: Call) -> Collected:
+@dataclass
+class Collected:
+    """A whole generation: what a non-streaming answer is built from. `choices` holds
+    one entry per choice (Generate.n); the plain attributes are choice 0's."""
+    choices: list[Choice] = field(default_factory=lambda: [Choice()])
+    usage: Usage = field(default_factory=Usage)
+    stop_sequence: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self) -> str:
+        return self.choices[0].finish_reason or "stop"
+
+    @property
+    def logprobs(self) -> list[TokenLogprob]:
+        return self.choices[0].logprobs
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        return self.choices[0].tool_calls
+
+
+async def collect(call: Call, n: int = 1) -> Collected:
     """Read a generation to its Done; a Failed event is raised as its error."""
-    text: list[str] = []
-    out = Collected()
+    out = Collected(choices=[Choice() for _ in range(n)])
+    parts: list[list[str]] = [[] for _ in range(n)]
     try:
         async for ev in call.events():
             if isinstance(ev, Delta):
-                text.append(ev.text)
-                out.logprobs.extend(ev.logprobs)
-                out.tool_calls.extend(ev.tool_calls)
+                c = out.choices[ev.index]
+                parts[ev.index].append(ev.text)
+                c.logprobs.extend(ev.logprobs)
+                c.tool_calls.extend(ev.tool_calls)
+                if ev.finish_reason is not None:
+                    c.finish_reason = ev.finish_reason
             elif isinstance(ev, Done):
-                out.text, out.finish_reason, out.usage = "".join(text), ev.finish_reason, ev.usage
+                for c, p in zip(out.choices, parts):
+                    c.text = "".join(p)
+                    c.finish_reason = c.finish_reason or ev.finish_reason
+                out.usage, out.stop_sequence = ev.usage, ev.stop_sequence
                 return out
             elif isinstance(ev, Failed):
                 raise error_from_failed(ev)

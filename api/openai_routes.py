@@ -71,19 +71,27 @@ async def get_model(model_id: str):
 Chunk = Callable[..., dict[str, Any]]
 
 
-def _stream(call: Call, chunk: Chunk, first: dict[str, Any] | None,
-            include_usage: bool) -> Response:
+def _stream(call: Call, chunk: Chunk, first: list[dict[str, Any]], include_usage: bool,
+            n: int = 1) -> Response:
+    """SSE chunks from the call's events. With n > 1 each choice ends with its own
+    finish chunk (a Delta holding its finish_reason), and the final Done adds nothing
+    but the usage."""
     async def body() -> AsyncIterator[bytes]:
         try:
-            if first is not None:
-                yield sse(first)
+            for c in first:
+                yield sse(c)
             async for ev in call.events():
-                if isinstance(ev, Delta) and ev.tool_calls:
-                    yield sse(chunk(None, None, logprobs=ev.logprobs, tool_calls=ev.tool_calls))
-                elif isinstance(ev, Delta):
-                    yield sse(chunk(ev.text, None, logprobs=ev.logprobs))
+                if isinstance(ev, Delta):
+                    if ev.tool_calls:
+                        yield sse(chunk(None, None, logprobs=ev.logprobs,
+                                        tool_calls=ev.tool_calls, index=ev.index))
+                    elif ev.text or ev.logprobs:
+                        yield sse(chunk(ev.text, None, logprobs=ev.logprobs, index=ev.index))
+                    if ev.finish_reason is not None:
+                        yield sse(chunk(None, ev.finish_reason, index=ev.index))
                 elif isinstance(ev, Done):
-                    yield sse(chunk(None, ev.finish_reason))
+                    if n == 1:
+                        yield sse(chunk(None, ev.finish_reason))
                     if include_usage:
                         yield sse(chunk(None, None, usage=_usage(ev.usage)))
                 elif isinstance(ev, Failed):
@@ -126,12 +134,7 @@ def _tools(req) -> tuple[tuple[Tool, ...], str]:
             raise BadRequest("tool_choice must be none, auto, required or "
                              "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
         choice = name
-    choice = check_tool_choice(choice, tuple(tools))
-    if choice == "auto":
-        raise BadRequest("tool_choice 'auto' (the default when tools are given) is not "
-                         "supported yet; pass tool_choice 'required' or name a function",
-                         param="tool_choice", code="unsupported_parameter")
-    return tuple(tools), choice
+    return tuple(tools), check_tool_choice(choice, tuple(tools))
 
 
 def _tool_call(c: ToolCall) -> dict[str, Any]:
@@ -175,13 +178,13 @@ async def chat_completions():
                    stop=tuple(req.stop or ()), sampling=_sampling(req),
                    response_format=_constraint(req.response_format), logprobs=req.n_logprobs(),
                    logit_bias=req.bias(), tools=tools, tool_choice=choice,
-                   parallel_tool_calls=req.parallel_tool_calls is not False)
+                   parallel_tool_calls=req.parallel_tool_calls is not False, n=req.n)
     want_lp = gen.logprobs is not None
     call = await open_call(gen)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
     if req.stream:
-        def chunk(text, finish, usage=None, logprobs=(), tool_calls=()):
+        def chunk(text, finish, usage=None, logprobs=(), tool_calls=(), index=0):
             if usage is not None:
                 return {**base, "choices": [], "usage": usage}
             delta = {"content": text} if text is not None else {}
@@ -189,25 +192,26 @@ async def chat_completions():
                 delta = {"tool_calls": [{"index": i, **_tool_call(c)}
                                         for i, c in enumerate(tool_calls)]}
             lp = _chat_logprobs(logprobs) if want_lp and logprobs else None
-            return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": lp,
+            return {**base, "choices": [{"index": index, "delta": delta, "logprobs": lp,
                                          "finish_reason": finish}]}
-        first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                      "logprobs": None, "finish_reason": None}]}
+        first = [{**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                       "logprobs": None, "finish_reason": None}]}
+                 for i in range(req.n)]
         include = bool(req.stream_options and req.stream_options.include_usage)
-        return _stream(call, chunk, first, include)
-    got = await collect(call)
-    text, finish, usage, lps, calls = (got.text, got.finish_reason, got.usage, got.logprobs,
-                                       got.tool_calls)
-    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
-    if calls:
-        message = {**message, "content": text or None,
-                   "tool_calls": [_tool_call(c) for c in calls]}
+        return _stream(call, chunk, first, include, req.n)
+    got = await collect(call, req.n)
+    choices = []
+    for i, c in enumerate(got.choices):
+        message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
+        if c.tool_calls:
+            message = {**message, "content": c.text or None,
+                       "tool_calls": [_tool_call(t) for t in c.tool_calls]}
+        choices.append({"index": i, "message": message,
+                        "logprobs": _chat_logprobs(c.logprobs) if want_lp else None,
+                        "finish_reason": c.finish_reason or got.finish_reason})
     return json_response({
         "id": cid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": message,
-                     "logprobs": _chat_logprobs(lps) if want_lp else None,
-                     "finish_reason": finish}],
-        "usage": _usage(usage)}, headers=node_headers(call))
+        "choices": choices, "usage": _usage(got.usage)}, headers=node_headers(call))
 
 
 @bp.post("/v1/completions")
@@ -216,32 +220,34 @@ async def completions():
     _refuse_unsupported(req, COMPLETION_FIELDS)
     gen = Generate(model=req.model, prompt=req.prompt, max_tokens=limit_tokens(req.limit()),
                    stop=tuple(req.stop or ()), sampling=_sampling(req), logprobs=req.logprobs,
-                   logit_bias=req.bias())
+                   logit_bias=req.bias(), n=req.n)
     want_lp = gen.logprobs is not None
     call = await open_call(gen)
     cid, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model
     echo = req.prompt if req.echo else ""
     base = {"id": cid, "object": "text_completion", "created": created, "model": model}
-    offset = [len(echo)]
+    offsets = [len(echo)] * req.n
     if req.stream:
-        def chunk(text, finish, usage=None, logprobs=()):
+        def chunk(text, finish, usage=None, logprobs=(), index=0):
             if usage is not None:
                 return {**base, "choices": [], "usage": usage}
             lp = None
             if want_lp and logprobs:
-                lp = _completion_logprobs(logprobs, offset[0])
-                offset[0] += sum(len(t.token) for t in logprobs)
-            return {**base, "choices": [{"text": text or "", "index": 0, "logprobs": lp,
+                lp = _completion_logprobs(logprobs, offsets[index])
+                offsets[index] += sum(len(t.token) for t in logprobs)
+            return {**base, "choices": [{"text": text or "", "index": index, "logprobs": lp,
                                          "finish_reason": finish}]}
         include = bool(req.stream_options and req.stream_options.include_usage)
-        return _stream(call, chunk, chunk(echo, None) if echo else None, include)
-    got = await collect(call)
-    text, finish, usage, lps = got.text, got.finish_reason, got.usage, got.logprobs
+        first = [chunk(echo, None, index=i) for i in range(req.n)] if echo else []
+        return _stream(call, chunk, first, include, req.n)
+    got = await collect(call, req.n)
     return json_response({
-        **base, "choices": [{"text": echo + text, "index": 0,
-                             "logprobs": _completion_logprobs(lps, len(echo)) if want_lp else None,
-                             "finish_reason": finish}],
-        "usage": _usage(usage)}, headers=node_headers(call))
+        **base, "choices": [{"text": echo + c.text, "index": i,
+                             "logprobs": (_completion_logprobs(c.logprobs, len(echo))
+                                          if want_lp else None),
+                             "finish_reason": c.finish_reason or got.finish_reason}
+                            for i, c in enumerate(got.choices)],
+        "usage": _usage(got.usage)}, headers=node_headers(call))
 
 
 # ---------------------------------------------------- one-result requests

@@ -78,7 +78,7 @@ class _Sampling(_Req):
     repeat_penalty: float | None = Field(None, gt=0)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=16)      # the backend refuses more than its parallel slots
     user: str | None = None
     logit_bias: dict[str, float] | None = None       # token id (as a string) -> -100..100
 

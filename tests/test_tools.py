@@ -102,11 +102,46 @@ def test_streamed_tool_call_deltas_reassemble_into_the_same_call(qwen) -> None:
     assert calls == {0: {"name": whole.function.name, "arguments": whole.function.arguments}}
 
 
+def test_auto_lets_the_model_call_a_tool(qwen) -> None:
+    client, _ = qwen          # auto is the default when tools are given
+    r = client.chat.completions.create(model=QWEN, messages=ASK, tools=TOOLS, temperature=0,
+                                       max_tokens=120)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice.message.content
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert "paris" in _args(call, WEATHER)["city"].lower()
+
+
+def test_auto_lets_the_model_answer_in_text(qwen) -> None:
+    client, _ = qwen
+    r = client.chat.completions.create(
+        model=QWEN, tools=TOOLS, tool_choice="auto", temperature=0, max_tokens=40,
+        messages=[{"role": "user", "content": "Say hello to Ada in one short sentence."}])
+    choice = r.choices[0]
+    assert choice.message.tool_calls is None and choice.finish_reason in ("stop", "length")
+    assert "Ada" in choice.message.content and "<tool_call>" not in choice.message.content
+
+
+def test_auto_streamed_gives_the_same_call_and_no_tag_text(qwen) -> None:
+    client, _ = qwen
+    kw = dict(model=QWEN, messages=ASK, tools=TOOLS, temperature=0, max_tokens=120)
+    whole = client.chat.completions.create(**kw).choices[0].message.tool_calls[0]
+    text, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        if not chunk.choices:
+            continue
+        d = chunk.choices[0].delta
+        finish = chunk.choices[0].finish_reason or finish
+        text += d.content or ""
+        for t in d.tool_calls or []:
+            calls.setdefault(t.index, [t.function.name, t.function.arguments])
+    assert finish == "tool_calls" and "<tool_call>" not in text
+    assert calls == {0: [whole.function.name, whole.function.arguments]}
+
+
 def test_unsupported_tool_requests_are_400s_naming_the_field(qwen) -> None:
     client, _ = qwen
-    with pytest.raises(openai.BadRequestError) as ei:       # auto is the default with tools
-        client.chat.completions.create(model=QWEN, messages=ASK, tools=TOOLS)
-    assert ei.value.body["param"] == "tool_choice" and "auto" in ei.value.body["message"]
     bad = [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}}}]
     with pytest.raises(openai.BadRequestError) as ei:

@@ -232,6 +232,9 @@ class Job:
     pending_lp: list[Any] = field(default_factory=list)   # TokenLogprob not yet sent
     tool_mode: bool = False        # output is tool-call blocks: held, parsed at the end
     held: list[str] = field(default_factory=list)
+    watch: Any = None              # tool_choice "auto": a tools.Watch over the text
+    tools: tuple[Any, ...] = ()    # the declared functions (for tools.recover)
+    children: list["Job"] = field(default_factory=list)   # choices 1..n-1 (n > 1)
 
     @property
     def argmax(self) -> bool:
@@ -371,17 +374,39 @@ class BatchScheduler:
                           for slot, toks in self._fed)
         for slot, row in rows:
             job = slot.job
-            if job.argmax:   # llama.cpp's greedy sampler: first max logit
-                logits = llama_cpp.llama_get_logits_ith(self.ctx, row)
-                tok = int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
-            else:
-                tok = (self._sample_constrained(job, row) if job.constrained else
-                       llama_cpp.llama_sampler_sample(job.chain, self.ctx, row))
-            if job.n_logprobs is not None and not llama_cpp.llama_vocab_is_eog(self.vocab, tok):
-                job.pending_lp.append(self._logprob(row, tok, job.n_logprobs))
-            self._on_token(slot, tok)
+            if job.children and job.prefilling:
+                self._branch(slot, row)
+            self._sample(slot, row)
         if pure_decode:
             self._account(dt, len(rows))
+
+    def _sample(self, slot: Slot, row: int) -> None:
+        job = slot.job
+        if job.argmax:   # llama.cpp's greedy sampler: first max logit
+            logits = llama_cpp.llama_get_logits_ith(self.ctx, row)
+            tok = int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
+        else:
+            tok = (self._sample_constrained(job, row) if job.constrained else
+                   llama_cpp.llama_sampler_sample(job.chain, self.ctx, row))
+        if job.n_logprobs is not None and not llama_cpp.llama_vocab_is_eog(self.vocab, tok):
+            job.pending_lp.append(self._logprob(row, tok, job.n_logprobs))
+        self._on_token(slot, tok)
+
+    def _branch(self, parent: Slot, row: int) -> None:
+        """n > 1: the parent's prompt is in; each choice's sequence gets a copy of its KV
+        (`llama_memory_seq_cp`, applied before the next decode) and samples its first
+        token from the parent's logits row with its own chain."""
+        job = parent.job
+        children, job.children = job.children, []
+        for child in children:
+            slot = next((s for s in self.slots if s.job is child), None)
+            if slot is None:           # cancelled meanwhile
+                continue
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.id, -1, -1)
+            llama_cpp.llama_memory_seq_cp(self.mem, parent.id, slot.id, -1, -1)
+            slot.cache = list(parent.cache)
+            child.n_cached = job.n_cached
+            self._sample(slot, row)
 
     # ---------------------------------------------------- step, in parts
     def _reap(self) -> None:
@@ -392,7 +417,7 @@ class BatchScheduler:
             gone = [j for j in self._queue if j.cancel.is_set()]
             for j in gone:
                 self._queue.remove(j)
-        for j in gone:
+        for j in (j for g in gone for j in (g, *g.children)):
             if j.grammar is not None:          # never made it into a chain
                 llama_cpp.llama_sampler_free(j.grammar)
                 j.grammar = None
@@ -401,10 +426,9 @@ class BatchScheduler:
     def _admit(self) -> None:
         while True:
             free = [s for s in self.slots if s.job is None]
-            if not free:
-                return
             with self._cv:
-                if not self._queue:
+                # first come, first served: a request with n choices waits for n slots
+                if not self._queue or len(free) < 1 + len(self._queue[0].children):
                     return
                 job = self._queue.popleft()
             active = {s.id for s in self.slots if s.job is not None}
@@ -412,6 +436,12 @@ class BatchScheduler:
                                             _runs(active | {s.id}), s.last_used))
             n_common = common_prefix(best.cache, job.prompt)
             self._start(best, job, n_common)
+            for child in job.children:
+                active = {s.id for s in self.slots if s.job is not None}
+                slot = min((s for s in self.slots if s.job is None),
+                           key=lambda s: (_runs(active | {s.id}), s.last_used))
+                self._start(slot, child, 0)
+                child.n_fed = len(child.prompt)   # nothing to feed: it gets the parent's KV
 
     def _start(self, slot: Slot, job: Job, n_common: int) -> None:
         n_keep = min(n_common, len(job.prompt) - 1)
@@ -491,10 +521,15 @@ class BatchScheduler:
         text, stopped = job.text.push(self._piece(tok))
         if text and job.tool_mode:
             job.held.append(text)
-        elif text:
-            if not self._send(job, self._delta(job, text)):
-                self._finish(slot, "cancelled", quiet=True)
-                return
+            text = ""
+        elif text and job.watch is not None:
+            text, call = job.watch.push(text)
+            if call is not None:       # "auto": the model opened a tool call
+                job.tool_mode = True
+                job.held.append(call)
+        if text and not self._send(job, self._delta(job, text)):
+            self._finish(slot, "cancelled", quiet=True)
+            return
         if stopped:
             self._finish(slot, "stop", flush=False)
         elif job.n_generated >= job.max_tokens:
@@ -527,11 +562,26 @@ class BatchScheduler:
                 reason = "tool_calls"
             elif raw or job.pending_lp:
                 self._send(job, self._delta(job, raw))
+        elif job.watch is not None and reason != "cancelled":
+            text, _ = job.text.push(b"", final=True) if flush else ("", False)
+            shown, call = job.watch.push(text) if text else ("", None)
+            rest = (call or "") + job.watch.rest()
+            calls = (tools.parse(rest) if call is not None else
+                     tools.recover(rest, job.tools)) if reason == "stop" else []
+            if calls:
+                if shown:
+                    self._send(job, self._delta(job, shown))
+                self._send(job, Delta(text="", tool_calls=tuple(calls),
+                                      logprobs=tuple(job.pending_lp)))
+                reason = "tool_calls"
+            elif shown + rest or job.pending_lp:
+                self._send(job, self._delta(job, shown + rest))
         elif flush and reason != "cancelled":
             text, _ = job.text.push(b"", final=True)
             if text or job.pending_lp:
                 self._send(job, self._delta(job, text))
-        self._send(job, Done(finish_reason=reason, stop_sequence=job.text.matched if job.text else None,
+        self._send(job, Done(finish_reason=reason,
+                             stop_sequence=job.text.matched if job.text else None,
                              usage=_usage(len(job.prompt), job.n_generated, job.n_cached)))
 
     def _fail(self, slot: Slot, message: str) -> None:
@@ -546,6 +596,10 @@ class BatchScheduler:
         llama_cpp.llama_memory_seq_rm(self.mem, slot.id, -1, -1)
         slot.cache.clear()
         self._send(job, Failed(error="BackendError", message=message, code="backend_error"))
+        for child in job.children:     # choices still waiting for this prompt
+            waiting = next((s for s in self.slots if s.job is child), None)
+            if waiting is not None:
+                self._fail(waiting, message)
 
     def _decode_failed(self, rc: int) -> None:
         log.error("llama_decode returned %d for a batch of %d tokens", rc, self.batch.n_tokens)
@@ -638,6 +692,39 @@ class BatchScheduler:
         busy = sum(d for _, d, _ in self._tps)
         if busy > 0:
             self.tokens_per_s = sum(k for _, _, k in self._tps) / busy
+
+
+class Choices:
+    """The events of n > 1 choices of one request, as one stream (mesh/wire/inference.py):
+    each choice's Deltas get its index, its Done becomes a Delta holding its
+    finish_reason, and one Done (prompt counted once, completions summed) ends the
+    stream after the last choice; the first Failed ends it for all."""
+
+    def __init__(self, n: int, emit: Emit) -> None:
+        self.left, self.emit = n, emit
+        self.completion = 0
+        self.over = False
+
+    def emitter(self, index: int) -> Emit:
+        def emit(ev: Any) -> None:
+            if self.over:
+                return
+            if isinstance(ev, Delta):
+                self.emit(ev.model_copy(update={"index": index}))
+            elif isinstance(ev, Failed):
+                self.over = True
+                self.emit(ev)
+            elif isinstance(ev, Done):
+                self.emit(Delta(text="", index=index, finish_reason=ev.finish_reason))
+                self.completion += ev.usage.completion_tokens
+                self.left -= 1
+                if index == 0:
+                    self.prompt, self.cached = ev.usage.prompt_tokens, ev.usage.cached_tokens
+                if self.left == 0:
+                    self.over = True
+                    self.emit(Done(finish_reason=ev.finish_reason, usage=_usage(
+                        self.prompt, self.completion, self.cached)))
+        return emit
 
 
 def _runs(ids: set[int]) -> int:

@@ -23,6 +23,7 @@ touched by the scheduler thread.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -40,7 +41,7 @@ from mesh.errors import BadRequest
 from mesh.wire.inference import Detokenize, Embed, Generate, Tokenize
 from mesh.wire.schema import check_schema
 from node.backends import RequestError, tools
-from node.backends.batching import BatchScheduler, Job, Sampling
+from node.backends.batching import BatchScheduler, Choices, Job, Sampling
 from node.rpc import split_params
 
 log = logging.getLogger("node.backends.llama")
@@ -134,24 +135,34 @@ class LlamaBackend:
         if bad:
             raise RequestError(f"logit_bias names token {bad[0]}, outside this model's "
                                f"vocabulary of {n_vocab}", param="logit_bias")
+        if req.n > self.parallel:
+            raise RequestError(f"n is {req.n}, above the {self.parallel} sequences this model "
+                               "runs at once", param="n")
         p = {**self.defaults, **req.sampling.given(), "logit_bias": req.logit_bias}
-        return Job(prompt=prompt, max_tokens=max_tokens, stops=list(req.stop) + extra_stop,
-                   sampling=Sampling.from_params(p), emit=emit, cancel=cancel,
-                   grammar=self._grammar(req), n_logprobs=req.logprobs,
-                   tool_mode=tools.forced(req))
+        choices = Choices(req.n, emit) if req.n > 1 else None
+
+        def choice(i: int) -> Job:
+            seed = p.get("seed")
+            sampling = Sampling.from_params({**p, "seed": None if seed is None else seed + i})
+            return Job(prompt=prompt, max_tokens=max_tokens, stops=list(req.stop) + extra_stop,
+                       sampling=sampling, emit=choices.emitter(i) if choices else emit,
+                       cancel=cancel, grammar=self._grammar(req), n_logprobs=req.logprobs,
+                       tool_mode=tools.forced(req),
+                       watch=tools.Watch() if tools.auto(req) else None, tools=req.tools)
+
+        job = choice(0)
+        job.children = [choice(i) for i in range(1, req.n)]
+        return job
 
     def _grammar(self, req: Generate) -> Any:
         """A fresh grammar sampler for the request's constraint (None for free text).
         Grammars are parsed once per schema (GRAMMAR_CACHE kept) and cloned per request."""
         rf = req.response_format
-        if req.tools and req.tool_choice == "auto":
-            raise RequestError("tool_choice 'auto' is not supported yet; use 'required' or "
-                               "name a function", param="tool_choice",
-                               code="unsupported_parameter")
-        if tools.forced(req):
+        lazy = tools.auto(req)
+        if tools.forced(req) or lazy:
             if rf is not None:
-                raise RequestError("response_format cannot be combined with a forced tool "
-                                   "call", param="response_format")
+                raise RequestError("response_format cannot be combined with tools",
+                                   param="response_format")
             spec = json.dumps([[t.model_dump() for t in req.tools], req.tool_choice,
                                req.parallel_tool_calls], sort_keys=True)
             key = "tools:" + hashlib.sha256(spec.encode()).hexdigest()
@@ -176,8 +187,8 @@ class LlamaBackend:
                 except Exception as exc:   # the converter raises ValueError, KeyError, ...
                     raise RequestError(f"could not turn the JSON schema into a grammar: {exc}",
                                        param="response_format", code="invalid_schema") from exc
-                base = llama_cpp.llama_sampler_init_grammar(self.model.vocab, gbnf.encode(),
-                                                            b"root")
+                base = (self._lazy_grammar(gbnf) if lazy else llama_cpp.llama_sampler_init_grammar(
+                    self.model.vocab, gbnf.encode(), b"root"))
                 if not base:
                     raise RequestError("llama.cpp refused the grammar made from this schema",
                                        param="response_format", code="invalid_schema")
@@ -185,6 +196,13 @@ class LlamaBackend:
                     llama_cpp.llama_sampler_free(self._grammars.pop(next(iter(self._grammars))))
                 self._grammars[key] = base
             return llama_cpp.llama_sampler_clone(base)
+
+    def _lazy_grammar(self, gbnf: str) -> Any:
+        """The tool-call grammar, dormant until the output matches tools.TRIGGER."""
+        patterns = (ctypes.c_char_p * 1)(tools.TRIGGER.encode())
+        return llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+            self.model.vocab, gbnf.encode(), b"root", patterns, 1,
+            (llama_cpp.llama_token * 0)(), 0)
 
     def submit(self, req: Generate, emit: Emit, cancel: threading.Event) -> None:
         """Queue a generation and return at once; events go to `emit` from the scheduler

@@ -8,9 +8,15 @@
   `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks (one, or several
   with parallel_tool_calls), whose JSON is constrained by the function's parameters
   schema (the subset of mesh/wire/schema.py, turned into GBNF like response_format).
+- "auto": the model chooses. The same grammar is *lazy* (llama.cpp's
+  `llama_sampler_init_grammar_lazy_patterns`): free text until the output matches
+  TRIGGER (the model opened `<tool_call>`), constrained from there, so a call the model
+  starts is always well-formed. While the text streams, `Watch` holds back anything that
+  could still become `<tool_call>` (as stop strings are held) and an answer that opens
+  like bare or fenced JSON (```json {"name": ...}```, which small models write instead of
+  the tags); at the end such an answer becomes a call when it names a declared function
+  with an object of arguments (`recover`), and is released as text otherwise.
 - Parse: the blocks are read back into ToolCall(id, name, arguments as JSON text).
-Left out: tool_choice "auto" (the model choosing between text and a call, which needs a
-lazy grammar triggered by `<tool_call>` and fenced-JSON recovery) is refused with a 400.
 """
 
 from __future__ import annotations
@@ -32,6 +38,11 @@ FALLBACK_PROMPT = (
     "<tool_call></tool_call> tags:\n<tool_call>\n{{\"name\": <function-name>, "
     "\"arguments\": <args-json-object>}}\n</tool_call>")
 _BLOCK = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+# the lazy grammar's trigger: it must match the whole output so far; the grammar is fed
+# the output from the start of group 1 on
+TRIGGER = r"[\s\S]*?(<tool_call>[\s\S]*)"
+_JSON_OPENINGS = ("{", "```json", "```\n{")
+_FENCED = re.compile(r"^\s*(?:```(?:json)?\s*)?(\{.*\})\s*(?:```)?\s*$", re.S)
 
 
 def template_tools(tools: tuple[Tool, ...]) -> list[dict[str, Any]]:
@@ -68,9 +79,13 @@ def forced(req: Generate) -> bool:
     return bool(req.tools) and req.tool_choice not in ("none", "auto")
 
 
+def auto(req: Generate) -> bool:
+    return bool(req.tools) and req.tool_choice == "auto"
+
+
 def grammar(req: Generate) -> str:
-    """GBNF forcing tool-call blocks for the chosen function(s)."""
-    tools = [t for t in req.tools if req.tool_choice in ("required", t.name)]
+    """GBNF of tool-call blocks for the chosen function(s) (all of them for "auto")."""
+    tools = [t for t in req.tools if req.tool_choice in ("required", "auto", t.name)]
     alternatives = []
     for t in tools:
         check_schema(t.parameters, param="tools.function.parameters")
@@ -92,3 +107,60 @@ def parse(text: str) -> list[ToolCall]:
         calls.append(ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=str(obj["name"]),
                               arguments=json.dumps(obj.get("arguments", {}), ensure_ascii=False)))
     return calls
+
+
+def recover(text: str, tools: tuple[Tool, ...]) -> list[ToolCall]:
+    """Calls written without the tags: `{"name": ..., "arguments": {...}}`, bare or in a
+    ```json fence, naming a declared function. [] when the text is not such a call."""
+    m = _FENCED.match(text)
+    if m is None:
+        return []
+    try:
+        obj = json.loads(m.group(1))
+    except ValueError:
+        return []
+    names = {t.name for t in tools}
+    if not isinstance(obj, dict) or obj.get("name") not in names:
+        return []
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if not isinstance(args, dict):
+        return []
+    return [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=obj["name"],
+                     arguments=json.dumps(args, ensure_ascii=False))]
+
+
+class Watch:
+    """Text for tool_choice "auto", token by token: what can be shown now, and whether
+    the model has opened a tool call (everything from `<tool_call>` on is the call).
+
+    Held back: a tail that could be the start of `<tool_call>`, and, when the answer
+    opens like JSON (`{` or a ``` fence, after whitespace), all of it until the end,
+    where `recover` decides whether it was a call."""
+
+    def __init__(self) -> None:
+        self.held = ""
+        self.shown = False      # some text went out: a JSON answer can no longer start
+
+    def push(self, text: str) -> tuple[str, str | None]:
+        """(text to show now, the call text when `<tool_call>` was just opened, else None)."""
+        held = self.held + text
+        i = held.find(OPEN)
+        if i >= 0:
+            self.held = ""
+            return held[:i], held[i:]
+        if not self.shown:
+            lead = held.lstrip()
+            if any(c.startswith(lead) or lead.startswith(c) for c in _JSON_OPENINGS):
+                self.held = held
+                return "", None
+        keep = next((k for k in range(min(len(OPEN) - 1, len(held)), 0, -1)
+                     if held.endswith(OPEN[:k])), 0)
+        self.held = held[len(held) - keep:] if keep else ""
+        out = held[:len(held) - keep]
+        self.shown = self.shown or bool(out)
+        return out, None
+
+    def rest(self) -> str:
+        """What is still held, at the end."""
+        held, self.held = self.held, ""
+        return held
