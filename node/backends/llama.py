@@ -35,12 +35,12 @@ import llama_cpp
 from llama_cpp._internals import LlamaModel
 from llama_cpp._logger import set_verbose
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from mesh.errors import BadRequest
 from mesh.wire.inference import Detokenize, Embed, Generate, Tokenize
 from mesh.wire.schema import check_schema
 from node.backends import RequestError, tools
+from node.backends.gbnf import JSON_GBNF, from_schema
 from node.backends.batching import BatchScheduler, Choices, Job, Sampling
 from node.rpc import split_params
 
@@ -92,7 +92,8 @@ class LlamaBackend:
         return {"backend": self.name, "ctx": self.n_ctx, "n_embd": self.model.n_embd(),
                 "slots": self.parallel, "kv": "split",
                 "embeddings": bool(self.config.get("embeddings", True)),
-                "chat_template": self.formatter is not None}
+                "chat_template": self.formatter is not None,
+                "tools": self.template_has_tools}
 
     def stats(self) -> dict[str, Any]:
         return self.scheduler.stats()
@@ -176,7 +177,7 @@ class LlamaBackend:
             check_schema(schema)
             text = json.dumps(schema, sort_keys=True)
             key = hashlib.sha256(text.encode()).hexdigest()
-            make = lambda: json_schema_to_gbnf(text)  # noqa: E731
+            make = lambda: from_schema(text)  # noqa: E731
         with self._grammar_lock:
             base = self._grammars.get(key)
             if base is None:

@@ -26,10 +26,9 @@ import re
 import uuid
 from typing import Any
 
-from llama_cpp.llama_grammar import json_schema_to_gbnf
-
 from mesh.wire.inference import Generate, Tool, ToolCall
 from mesh.wire.schema import check_schema
+from node.backends.gbnf import from_schema
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 FALLBACK_PROMPT = (
@@ -93,7 +92,7 @@ def grammar(req: Generate) -> str:
             "name": {"const": t.name}, "arguments": t.parameters or {"type": "object"}},
             "required": ["name", "arguments"], "additionalProperties": False})
     schema = alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
-    gbnf = json_schema_to_gbnf(json.dumps(schema))
+    gbnf = from_schema(json.dumps(schema))
     gbnf = re.sub(r"^root ::=", "call ::=", gbnf, flags=re.M)
     block = r'"<tool_call>\n" call "\n</tool_call>"'
     more = rf' ("\n" {block})*' if req.parallel_tool_calls else ""
