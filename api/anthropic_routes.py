@@ -98,7 +98,7 @@ class OutputConfig(BaseModel):
     effort: str | None = None     # refused: one effort level here
 
 
-class Prompt(BaseModel):
+class MessagesPrompt(BaseModel):
     """What both /v1/messages and /v1/messages/count_tokens take: the prompt and tools."""
     model_config = ConfigDict(extra="forbid")
     model: str
@@ -112,7 +112,7 @@ class Prompt(BaseModel):
     speed: str | None = None
 
 
-class MessagesRequest(Prompt):
+class MessagesRequest(MessagesPrompt):
     """Anthropic's Messages request body (https://docs.anthropic.com/en/api/messages)."""
     max_tokens: int = Field(ge=1)
     stop_sequences: list[str] | None = None
@@ -186,6 +186,7 @@ def _parse(model: type[BaseModel], obj: Any, param: str) -> Any:
 
 def _block(obj: Any, allowed: tuple[str, ...], param: str) -> Any:
     kind = obj.get("type") if isinstance(obj, dict) else None
+    kind = kind if isinstance(kind, str) else None
     if kind not in allowed:
         what = "is not allowed here" if kind in _MODELS else "is not supported by this server"
         raise BadRequest(f"{param}: content block type {kind!r} {what} (allowed: "
@@ -200,7 +201,7 @@ def _text(blocks: str | list[dict[str, Any]] | None, param: str) -> str:
     return "\n\n".join(_block(b, ("text",), f"{param}[{i}]").text for i, b in enumerate(blocks))
 
 
-def _turns(req: Prompt) -> tuple[Message, ...]:
+def _turns(req: MessagesPrompt) -> tuple[Message, ...]:
     out = [Message(role="system", content=_text(req.system, "system"))] if req.system else []
     if req.messages[-1].role == "assistant":
         raise BadRequest("the last message is an assistant turn (prefill); this server cannot "
@@ -230,7 +231,7 @@ def _turns(req: Prompt) -> tuple[Message, ...]:
     return tuple(out)
 
 
-def _tools(req: Prompt) -> tuple[tuple[Tool, ...], str, bool]:
+def _tools(req: MessagesPrompt) -> tuple[tuple[Tool, ...], str, bool]:
     tools = []
     for i, raw in enumerate(req.tools or []):
         if isinstance(raw, dict) and raw.get("type") not in (None, "custom"):
@@ -260,7 +261,7 @@ def _constraint(oc: OutputConfig | None) -> Constraint | None:
     return json_constraint(oc.format.schema_, param="output_config.format.schema")
 
 
-def _refuse(req: Prompt) -> None:
+def _refuse(req: MessagesPrompt) -> None:
     for name in sorted(req.model_fields_set):
         if FIELDS.get(name) == R and getattr(req, name) not in NEUTRAL.get(name, (None,)):
             raise BadRequest(f"'{name}' is not supported by this server; remove it from the "
@@ -385,7 +386,7 @@ async def messages():
 @bp.post("/v1/messages/count_tokens")
 async def count_tokens():
     """The prompt's tokens as the model's chat template renders it (the wire's Tokenize)."""
-    req = await json_body(Prompt)
+    req = await json_body(MessagesPrompt)
     _refuse(req)
     if req.tools:
         raise BadRequest("counting the tokens of 'tools' is not supported by this server yet "

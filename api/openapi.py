@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from api.anthropic_routes import MessagesPrompt, MessagesRequest
 from api.auth import OPEN_PATHS, feature_for
 from api.key_routes import KeyCreate
 from api.model_routes import ModelAction
@@ -35,6 +36,8 @@ DOCS: dict[str, tuple[str, type[BaseModel] | None]] = {
     "openai.completions": ("Text completion (stream or not)", CompletionRequest),
     "openai.embeddings": ("Embeddings", EmbeddingRequest),
     "openai.transcriptions": ("Speech to text (multipart)", TranscriptionForm),
+    "anthropic.messages": ("Anthropic Messages: a message (stream or not)", MessagesRequest),
+    "anthropic.count_tokens": ("Anthropic Messages: the tokens of a prompt", MessagesPrompt),
     "mesh.health": ("Liveness", None),
     "mesh.readyz": ("Readiness: 503 until the node's models are loaded", None),
     "mesh.status": ("This node and every node of the mesh", None),
@@ -52,6 +55,13 @@ DOCS: dict[str, tuple[str, type[BaseModel] | None]] = {
     "keys.revoke_key": ("Revoke an API key mesh-wide", None),
     "mesh.openapi": ("This document", None),
 }
+
+ANTHROPIC_ERROR_SCHEMA = {
+    "type": "object", "required": ["type", "error"],
+    "properties": {"type": {"const": "error"},
+                   "error": {"type": "object", "required": ["type", "message"],
+                             "properties": {"type": {"type": "string"},
+                                            "message": {"type": "string"}}}}}
 
 
 def _path(rule: str) -> tuple[str, list[str]]:
@@ -78,6 +88,11 @@ def build(app) -> dict[str, Any]:
                                           "content": {"application/json": {
                                               "schema": {"$ref": "#/components/schemas/Error"}}}}},
             }
+            if path.startswith("/v1/messages"):   # Anthropic's dialect (api/errors.py)
+                components["AnthropicError"] = ANTHROPIC_ERROR_SCHEMA
+                op["responses"]["default"] = {
+                    "description": "an error, in Anthropic's shape", "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/AnthropicError"}}}}
             if rule.endpoint == "mesh.readyz":     # llama-server style: 503 while loading
                 op["responses"]["503"] = {"description": "not ready yet", "content": {
                     "application/json": {"schema": {"type": "object", "required": ["status"],

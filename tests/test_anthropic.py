@@ -142,6 +142,23 @@ def test_raw_stream_has_event_lines_and_a_ping(smol) -> None:
     assert lines[-1] == "event: message_stop"
 
 
+def test_a_failure_mid_stream_is_an_error_event(tmp_path) -> None:
+    """The request deadline passes while the text streams: an `error` event ends it."""
+    n = MeshNode(tmp_path / "home", ["--name", "slow", "--no-mdns", "--model", CHAT],
+                 env={"MESH_REQUEST_TIMEOUT": "4"}).start()
+    try:
+        n.wait_ready()
+        text = []
+        with pytest.raises(anthropic.APIStatusError) as ei:
+            with _client(n).messages.stream(model=CHAT, max_tokens=4000, extra_body=T0, messages=[
+                    {"role": "user", "content": "Count from 1 to 2000: 1, 2, 3,"}]) as stream:
+                text.extend(stream.text_stream)
+        assert text, "the stream should have started before the deadline"
+        assert ei.value.body["type"] == "error" and "deadline" in ei.value.body["error"]["message"]
+    finally:
+        n.stop()
+
+
 # ---------------------------------------------------------------- errors
 def test_errors_are_the_sdks_exception_classes(smol) -> None:
     client, node = smol
@@ -207,6 +224,19 @@ def test_every_sdk_field_is_classified() -> None:
     assert not missing, f"docs/anthropic.md does not list {missing}"
 
 
+def test_openapi_documents_the_routes_and_their_error_shape(smol) -> None:
+    _, node = smol
+    doc = httpx.get(node.api + "/openapi.json", timeout=30).json()
+    op = doc["paths"]["/v1/messages"]["post"]
+    assert op["x-mesh-feature"] == "chat" and "count_tokens" in str(doc["paths"])
+    assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/MessagesRequest")
+    ref = op["responses"]["default"]["content"]["application/json"]["schema"]["$ref"]
+    r = httpx.post(node.api + "/v1/messages", json={"model": CHAT, "messages": STORY}, timeout=30)
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+    jsonschema.validate(r.json(), doc["components"]["schemas"][ref.rsplit("/", 1)[-1]])
+
+
 def test_count_tokens_matches_the_prompt_of_a_generation(smol) -> None:
     client, _ = smol
     n = client.messages.count_tokens(model=CHAT, messages=STORY, system="Be brief.")
@@ -244,6 +274,17 @@ def test_a_named_tool_round_trip(qwen) -> None:
     assert final.stop_reason in ("end_turn", "max_tokens")
     assert [b.type for b in final.content] == ["text"]
     assert "18" in _text(final)                       # the answer uses the tool's result
+
+
+def test_is_error_reaches_the_model(qwen) -> None:
+    client, _ = qwen
+    def count(**flag):
+        return client.messages.count_tokens(model=QWEN, messages=ASK + [
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
+                                               "name": "get_weather", "input": {"city": "Paris"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                          "content": "city not found", **flag}]}]).input_tokens
+    assert count(is_error=True) > count(is_error=False) == count()
 
 
 def test_any_with_parallel_use_disabled_gives_one_valid_call(qwen) -> None:
