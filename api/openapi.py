@@ -19,6 +19,7 @@ from api.auth import OPEN_PATHS, feature_for
 from api.key_routes import KeyCreate
 from api.model_routes import ModelAction
 from api.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, TranscriptionForm
+from api.speech_routes import SpeechRequest
 
 ERROR_SCHEMA = {
     "type": "object", "required": ["error"],
@@ -36,6 +37,8 @@ DOCS: dict[str, tuple[str, type[BaseModel] | None]] = {
     "openai.completions": ("Text completion (stream or not)", CompletionRequest),
     "openai.embeddings": ("Embeddings", EmbeddingRequest),
     "openai.transcriptions": ("Speech to text (multipart)", TranscriptionForm),
+    "speech.speech": ("Text to speech: audio bytes streamed as synthesized, or SSE",
+                      SpeechRequest),
     "anthropic.messages": ("Anthropic Messages: a message (stream or not)", MessagesRequest),
     "anthropic.count_tokens": ("Anthropic Messages: the tokens of a prompt", MessagesPrompt),
     "mesh.health": ("Liveness", None),

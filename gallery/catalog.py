@@ -125,7 +125,7 @@ class GalleryEntry(_Strict):
     name: str
     description: str = ""
     license: str | None = None
-    backend: Literal["llama", "whisper"]
+    backend: Literal["llama", "whisper", "piper"]
     aliases: tuple[str, ...] = ()
     files: tuple[FileSpec, ...] = Field(min_length=1)
     model_file: str | None = None
@@ -152,6 +152,9 @@ class GalleryEntry(_Strict):
                 raise ValueError("a whisper model is its directory: model_file must be '.' or absent")
         elif self.model_file not in paths:
             raise ValueError("model_file must name one of the files (the one the backend opens)")
+        if self.backend == "piper" and f"{self.model_file}.json" not in paths:
+            raise ValueError("a piper voice needs its config beside it: add "
+                             f"'{self.model_file}.json' to the files")
         if self.id in self.aliases:
             raise ValueError("an alias repeats the id")
         return self

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from mesh.router import PeerCandidate
+from mesh.wire.inference import capabilities_of
 
 
 class MeshPeers:
@@ -33,5 +34,6 @@ class MeshPeers:
             for m in p.state.models:
                 if m.state == "loaded":
                     cards.append({"id": m.id, "object": "model", "created": int(p.state.ts),
-                                  "owned_by": "inference-mesh"})
+                                  "owned_by": "inference-mesh",
+                                  "capabilities": m.capabilities or capabilities_of(m.backend)})
         return cards

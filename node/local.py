@@ -19,7 +19,7 @@ class LocalModels:
 
     def model_cards(self) -> list[dict[str, Any]]:
         return [{"id": w.id, "object": "model", "created": int(w.started_at),
-                 "owned_by": "inference-mesh"}
+                 "owned_by": "inference-mesh", "capabilities": w.capabilities}
                 for w in self.pool.workers.values() if w.state in ("loading", "loaded")]
 
     @asynccontextmanager

@@ -20,6 +20,10 @@ The llama backend's `submit(request, emit, cancel)` (continuous batching) takes 
 generation without blocking the generation thread: it validates the request (raising a
 BadRequest before any event), queues it in its own scheduler and emits the request's
 events from there; the request is over at its `Done` or `Failed`.
+
+The piper backend's `speak(request, cancel)` is a generator of events: `Audio` pieces
+sent as each sentence is synthesized, then `Done` (cancelled between two sentences when
+asked); its checks (voice, format) raise before the first piece.
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ def _load_backend(name: str, model_path: str, config: dict[str, Any]):
     if name == "whisper":
         from node.backends.whisper import WhisperBackend
         return WhisperBackend(model_path, config)
+    if name == "piper":
+        from node.backends.piper import PiperBackend
+        return PiperBackend(model_path, config)
     raise SystemExit(f"unknown backend {name!r}")
 
 
@@ -72,7 +79,8 @@ class WorkerServer:
         self.framer = framer
         self.backend = backend
         self.cancels: dict[int, threading.Event] = {}
-        self.queues = {k: queue.Queue() for k in ("generate", "embed", "transcribe", "tokens")}
+        self.queues = {k: queue.Queue() for k in ("generate", "embed", "transcribe", "tokens",
+                                                  "speak")}
 
     def run(self) -> None:
         for kind, q in self.queues.items():
@@ -125,6 +133,12 @@ class WorkerServer:
                         raise BadRequest("this model does not make embeddings",
                                          code="model_not_supported", param="model")
                     self._send(rid, Result(data=self.backend.embed(req)))
+                elif kind == "speak":
+                    if not hasattr(self.backend, "speak"):
+                        raise BadRequest("this model does not synthesize speech",
+                                         code="model_not_supported", param="model")
+                    for ev in self.backend.speak(req, cancel):   # Audio... then Done
+                        self._send(rid, ev)
                 else:
                     if not hasattr(self.backend, "transcribe"):
                         raise BadRequest("this model does not transcribe audio",

@@ -37,8 +37,8 @@ import trio
 
 from mesh.errors import BadMessage, BadRequest, MeshError, NoCapacity, NotFound, Unavailable, WorkerDied
 from mesh.wire.framing import FrameError, FrameReader, pack
-from mesh.wire.inference import (TERMINAL, Event, Failed, Request, decode_event,
-                                 encode_request)
+from mesh.wire.inference import (TERMINAL, Event, Failed, Request, capabilities_of,
+                                 decode_event, encode_request)
 from node.processes import Backoff, terminate_process
 
 log = logging.getLogger("node.workers")
@@ -99,8 +99,15 @@ class Worker:
     def slots(self) -> int:
         return int(self.stats.get("slots") or self.info.get("slots") or 1)
 
+    @property
+    def capabilities(self) -> list[str]:
+        """What it serves, from its backend and the child's ready info (the backend's
+        defaults until that arrives)."""
+        return capabilities_of(self.spec.backend, self.info or None)
+
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "backend": self.spec.backend, "state": self.state,
+                "capabilities": self.capabilities,
                 "error": self.error, "pid": self.pid, "restarts": self.restarts,
                 "in_flight": self.in_flight, "ctx": self.info.get("ctx"),
                 "slots": self.info.get("slots", 1), "aliases": self.spec.aliases,

@@ -7,11 +7,12 @@ a request and events back into the dialect's chunks) through the router
 peer (mesh/proxy.py, `/mesh/openai/2`) and back. Nothing below the API formats OpenAI
 objects or SSE.
 
-    Request  = Generate | Embed | Transcribe | Tokenize | Detokenize
-    Event    = Delta | Done | Result | Failed | Heartbeat
+    Request  = Generate | Embed | Transcribe | Tokenize | Detokenize | Speak
+    Event    = Delta | Audio | Done | Result | Failed | Heartbeat
 
 A generation streams ``Delta`` (text) events and ends with one ``Done`` (finish reason,
-usage); embeddings and transcriptions end with one ``Result``; any request may end with
+usage); speech streams ``Audio`` (encoded bytes, in order) and ends with ``Done``;
+embeddings and transcriptions end with one ``Result``; any request may end with
 ``Failed`` (a typed error: the class name of mesh/errors.py's tree, message, param,
 code). ``Heartbeat`` is only ever sent by a serving peer to say "still working"
 (mesh/proxy.py); the router never passes it on.
@@ -33,10 +34,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from mesh import errors
 
 __all__ = ["VERSION", "Sampling", "ToolCall", "Tool", "Message", "ResponseFormat", "TopLogprob", "TokenLogprob",
-           "Generate", "Embed", "Transcribe", "Tokenize", "Detokenize", "Request",
-           "Usage", "Delta", "Done", "Result", "Failed", "Heartbeat", "Event",
+           "Generate", "Embed", "Transcribe", "Tokenize", "Detokenize", "Speak", "Request",
+           "Usage", "Delta", "Audio", "Done", "Result", "Failed", "Heartbeat", "Event",
            "encode_request", "decode_request", "encode_event", "decode_event",
-           "failed_from_error", "error_from_failed", "feature_of", "TERMINAL"]
+           "failed_from_error", "error_from_failed", "feature_of", "capabilities_of", "TERMINAL"]
 
 VERSION = 2       # matches the proxy protocol's version: /mesh/openai/2
 
@@ -172,14 +173,29 @@ class Detokenize(_Wire):
     tokens: tuple[int, ...] = Field((), strict=False)
 
 
-Request = Annotated[Union[Generate, Embed, Transcribe, Tokenize, Detokenize],
+class Speak(_Wire):
+    """Text to speech: ``input`` read by ``voice`` (a name the backend maps to one of its
+    voices, or a 400 naming it) at ``speed`` (Piper: length_scale / speed), encoded as
+    ``format`` (the backend refuses one it cannot encode). Streams ``Audio`` events, the
+    encoded bytes in order (a header first where the format has one, then the audio of
+    each sentence as it is synthesized) and ends with ``Done`` (usage: prompt_tokens =
+    phoneme ids read, completion_tokens = audio samples made)."""
+    kind: Literal["speak"] = "speak"
+    model: str
+    input: str = Field(min_length=1)
+    voice: str
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    format: str = "wav"
+
+
+Request = Annotated[Union[Generate, Embed, Transcribe, Tokenize, Detokenize, Speak],
                     Field(discriminator="kind")]
 _REQUEST = TypeAdapter(Request)
 
 BACKEND_OF = {"generate": "llama", "embed": "llama", "transcribe": "whisper",
-              "tokenize": "llama", "detokenize": "llama"}
+              "tokenize": "llama", "detokenize": "llama", "speak": "piper"}
 _FEATURE = {"embed": "embeddings", "transcribe": "audio", "tokenize": "completions",
-            "detokenize": "completions"}
+            "detokenize": "completions", "speak": "audio"}
 
 
 def feature_of(req) -> str:
@@ -187,6 +203,20 @@ def feature_of(req) -> str:
     if isinstance(req, Generate):
         return "chat" if req.chat else "completions"
     return _FEATURE[req.kind]
+
+
+def capabilities_of(backend: str, info: dict[str, Any] | None = None) -> list[str]:
+    """What a model serves (its card's ``capabilities``), from its backend and, when known,
+    the worker's ready ``info``: llama chats only with a chat template, embeds unless
+    disabled, and lists "tools" when its template renders tools. Without ``info`` (a
+    peer that gossips no list), the backend's defaults."""
+    if backend != "llama":
+        return {"whisper": ["transcription"], "piper": ["speech"]}.get(backend, [])
+    info = info or {}
+    caps = ["chat"] if info.get("chat_template", True) else []
+    caps.append("completions")
+    caps += ["embeddings"] if info.get("embeddings", True) else []
+    return caps + (["tools"] if info.get("tools") else [])
 
 
 # -------------------------------------------------------------------- events
@@ -225,6 +255,13 @@ class Delta(_Wire):
     finish_reason: str | None = None            # this choice ended (n > 1 only)
 
 
+class Audio(_Wire):
+    """A piece of a Speak request's audio, in its format; pieces are concatenated."""
+
+    kind: Literal["audio"] = "audio"
+    data: bytes
+
+
 class Done(_Wire):
     kind: Literal["done"] = "done"
     finish_reason: str = "stop"        # stop | length | cancelled | tool_calls
@@ -249,7 +286,8 @@ class Heartbeat(_Wire):
     kind: Literal["heartbeat"] = "heartbeat"
 
 
-Event = Annotated[Union[Delta, Done, Result, Failed, Heartbeat], Field(discriminator="kind")]
+Event = Annotated[Union[Delta, Audio, Done, Result, Failed, Heartbeat],
+                  Field(discriminator="kind")]
 _EVENT = TypeAdapter(Event)
 TERMINAL = (Done, Result, Failed)
 

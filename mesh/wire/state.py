@@ -69,6 +69,9 @@ class ModelState(_Wire):
     tokens_per_s: float = Field(0.0, ge=0)
     aliases: list[str] = Field(default_factory=list)
     split: dict[str, Any] | None = None          # {nodes, layers, tensor_split, failure} (node/splits.py)
+    # what it serves (mesh/wire/inference.py capabilities_of); empty: not told, the
+    # backend's defaults apply
+    capabilities: list[str] = Field(default_factory=list)
 
 
 class NodeState(_Wire):
