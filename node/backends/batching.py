@@ -72,11 +72,20 @@ are needed. `usage.prompt_tokens_details.cached_tokens` = n_keep. A request that
 normally or is cancelled leaves its cells in place (they are its slot's cache; in a
 split cache no other sequence could use them); a failed decode clears the sequence.
 
+Choices (n > 1). A request with n choices is one Job per choice: the first (the parent)
+takes the best slot as above; the others take free slots at the same time (admission
+waits until n slots are free, first come first served) and feed nothing. On the step
+where the parent's last prompt token has its logits, each choice's sequence gets a copy
+of the parent's cells (`llama_memory_seq_cp`, split cache: the stream is copied before
+the next decode) and samples its first token from the parent's row with its own chain
+(seed + i). From there the choices are ordinary rows. `Choices` merges their events into
+one stream (Delta.index; a choice's end is a Delta with its finish_reason; one Done).
+
 Left out on purpose
 - Context shift / truncation: a prompt that does not fit its slot is refused (400
   context_length_exceeded), and generation stops at the slot's end ("length").
-- Cross-slot prefix sharing (seq_cp from a busy slot) and a unified cache: with
-  kv_unified each sequence's attention spans every slot's cells, slower here.
+- Prefix sharing between unrelated requests (seq_cp from a busy slot) and a unified
+  cache: with kv_unified each sequence's attention spans every slot's cells, slower here.
 - Cost-aware slot choice (llama-server's similarity threshold, LRU by cache size),
   speculative decoding, n > 1.
 - Preemption: a running request keeps its slot until it ends; the queue is FCFS and
