@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from quart import Blueprint, request
@@ -115,7 +115,7 @@ class MessagesPrompt(BaseModel):
 class MessagesRequest(MessagesPrompt):
     """Anthropic's Messages request body (https://docs.anthropic.com/en/api/messages)."""
     max_tokens: int = Field(ge=1)
-    stop_sequences: list[str] | None = None
+    stop_sequences: list[Annotated[str, Field(min_length=1)]] | None = None
     temperature: float | None = Field(None, ge=0, le=1)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
@@ -207,6 +207,9 @@ def _turns(req: MessagesPrompt) -> tuple[Message, ...]:
         raise BadRequest("the last message is an assistant turn (prefill); this server cannot "
                          "continue a turn: end with a user message", param="messages")
     for i, m in enumerate(req.messages):
+        if not m.content:
+            raise BadRequest(f"messages[{i}]: content must not be empty",
+                             param=f"messages[{i}].content")
         if isinstance(m.content, str):
             out.append(Message(role=m.role, content=m.content))
             continue

@@ -197,6 +197,8 @@ def test_errors_are_the_sdks_exception_classes(smol) -> None:
      "colour"),
     (dict(extra_headers={"anthropic-beta": "files-api-2025-04-14"}), "files-api-2025-04-14"),
     (dict(tool_choice={"type": "auto"}), "tool_choice"),           # auto needs tools
+    (dict(messages=[{"role": "user", "content": []}]), "messages[0]: content"),
+    (dict(stop_sequences=[""]), "stop_sequences"),
 ])
 def test_what_cannot_be_honoured_is_a_400_naming_it(smol, kw, named) -> None:
     client, _ = smol
