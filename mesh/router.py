@@ -268,7 +268,8 @@ class Router:
 
 def _check_backend(model: str, backend: str, need: str | None) -> None:
     if need is not None and backend != need:
-        what = {"llama": "text generation and embeddings", "whisper": "audio transcription"}
+        what = {"llama": "text generation and embeddings", "whisper": "audio transcription",
+                "piper": "speech synthesis"}
         raise BadRequest(f"model '{model}' ({backend}) does not support this endpoint; it "
                          f"serves {what.get(backend, backend)}", param="model",
                          code="model_not_supported")
