@@ -18,6 +18,8 @@ from api.anthropic_routes import MessagesPrompt, MessagesRequest
 from api.auth import OPEN_PATHS, feature_for
 from api.key_routes import KeyCreate
 from api.model_routes import ModelAction
+from api.ollama_routes import (ChatBody, DeleteBody, EmbedBody, EmbeddingsBody, GenerateBody,
+                               PullBody, ShowBody)
 from api.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, TranscriptionForm
 from api.speech_routes import SpeechRequest
 
@@ -57,7 +59,21 @@ DOCS: dict[str, tuple[str, type[BaseModel] | None]] = {
     "keys.create_key": ("Create an API key; the response shows it once", KeyCreate),
     "keys.revoke_key": ("Revoke an API key mesh-wide", None),
     "mesh.openapi": ("This document", None),
+    "ollama.chat": ("Ollama: a chat turn (NDJSON stream or one object)", ChatBody),
+    "ollama.generate": ("Ollama: a completion of a prompt (NDJSON stream or one object)",
+                        GenerateBody),
+    "ollama.embed": ("Ollama: embeddings of one input or a list", EmbedBody),
+    "ollama.embeddings": ("Ollama: one embedding (legacy form)", EmbeddingsBody),
+    "ollama.tags": ("Ollama: the models usable from this node", None),
+    "ollama.ps": ("Ollama: the models loaded on this node, with their keep_alive expiry", None),
+    "ollama.show": ("Ollama: a model's details, metadata, template and parameters", ShowBody),
+    "ollama.pull": ("Ollama: install a gallery model, with progress lines", PullBody),
+    "ollama.delete": ("Ollama: delete an installed model", DeleteBody),
+    "ollama.version": ("Ollama: the Ollama API version this node follows", None),
 }
+
+OLLAMA_ERROR_SCHEMA = {"type": "object", "required": ["error"],
+                       "properties": {"error": {"type": "string"}}}
 
 ANTHROPIC_ERROR_SCHEMA = {
     "type": "object", "required": ["type", "error"],
@@ -96,6 +112,11 @@ def build(app) -> dict[str, Any]:
                 op["responses"]["default"] = {
                     "description": "an error, in Anthropic's shape", "content": {
                         "application/json": {"schema": {"$ref": "#/components/schemas/AnthropicError"}}}}
+            if path.startswith("/api/"):           # Ollama's dialect: {"error": "..."}
+                components["OllamaError"] = OLLAMA_ERROR_SCHEMA
+                op["responses"]["default"] = {
+                    "description": "an error, in Ollama's shape", "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/OllamaError"}}}}
             if rule.endpoint == "mesh.readyz":     # llama-server style: 503 while loading
                 op["responses"]["503"] = {"description": "not ready yet", "content": {
                     "application/json": {"schema": {"type": "object", "required": ["status"],

@@ -43,6 +43,7 @@ from mesh.tunnel import PROTOCOL as RPC_PROTOCOL, make_handler as make_rpc_handl
 from mesh.wire.inference import feature_of
 from node.config import NodeConfig
 from node.jobs import Jobs
+from node.keepalive import KeepAlive
 from node.local import LocalModels
 from node.metrics import NodeMetrics
 from node.rpc_server import RpcServer
@@ -117,6 +118,8 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
         pool.on_change = svc.notify_changed
         svc.jobs = await nursery.start(Jobs(store, peer_fetchers=svc.peer_fetchers,
                                             after_install=svc.load_model).serve)
+        svc.keepalive = await nursery.start(KeepAlive(pool, store, unload=svc.unload_model,
+                                                      on_change=svc.notify_changed).serve)
         app = create_app(svc)
 
         shutdown = trio.Event()

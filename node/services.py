@@ -6,6 +6,7 @@ the API reaches it as `current_app.config["MESH"]` and never imports node/ itsel
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,12 +50,15 @@ class Services:
     p2p: Any = None
     rpc: Any = None          # node/rpc_server.py: the RPC server this node lends (offer_memory)
     splits: Any = None       # node/splits.py: models split over peers
+    keepalive: Any = None    # node/keepalive.py: on-demand loads and idle unloads (Ollama)
     wanted: list[str] = field(default_factory=list)     # model ids this node serves
     startup_error: str | None = None
     started: float = field(default_factory=time.time)
 
     async def load_model(self, installed: InstalledModel):
         worker = await self.pool.load(spec_for(installed), wait=True)
+        if self.keepalive is not None:       # loaded on purpose: no idle timer
+            self.keepalive.pin(worker.id)
         self.notify_changed()
         return worker
 
@@ -71,6 +75,16 @@ class Services:
     def peer_fetchers(self, settle_s: float = 0.0) -> list:
         """Where the installer asks for pinned files before their origin: the mesh, if any."""
         return [MeshFileFetcher(self.p2p, settle_s=settle_s)] if self.p2p is not None else []
+
+    def model_metadata(self, installed: InstalledModel) -> dict[str, Any]:
+        """An installed llama model's GGUF header metadata (scalars and strings; {} for
+        other formats or an unreadable file), read once per file version."""
+        if installed.backend != "llama":
+            return {}
+        try:
+            return _gguf_metadata(str(installed.path), installed.path.stat().st_mtime_ns)
+        except (OSError, ValueError):
+            return {}
 
     def is_open(self) -> bool:
         """No API key and an API reachable beyond this machine: anyone can use it."""
@@ -146,3 +160,9 @@ def _split_summary(w) -> dict[str, Any] | None:
     if not split:
         return None
     return {k: split.get(k) for k in ("nodes", "layers", "tensor_split", "failure")}
+
+
+@functools.lru_cache(maxsize=16)
+def _gguf_metadata(path: str, mtime_ns: int) -> dict[str, Any]:
+    from node.placement import read_gguf
+    return read_gguf(path)[0]
