@@ -20,6 +20,7 @@ from api.key_routes import KeyCreate
 from api.model_routes import ModelAction
 from api.ollama_routes import (ChatBody, DeleteBody, EmbedBody, EmbeddingsBody, GenerateBody,
                                PullBody, ShowBody)
+from api.responses_routes import ResponsesRequest
 from api.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, TranscriptionForm
 from api.speech_routes import SpeechRequest
 
@@ -43,6 +44,11 @@ DOCS: dict[str, tuple[str, type[BaseModel] | None]] = {
                       SpeechRequest),
     "anthropic.messages": ("Anthropic Messages: a message (stream or not)", MessagesRequest),
     "anthropic.count_tokens": ("Anthropic Messages: the tokens of a prompt", MessagesPrompt),
+    "responses.create_response": ("Responses API: create a response (stream or not)",
+                                  ResponsesRequest),
+    "responses.get_response": ("A stored response, from whichever node stored it", None),
+    "responses.delete_response": ("Delete a stored response", None),
+    "responses.input_items": ("A stored response's input items, paginated", None),
     "mesh.health": ("Liveness", None),
     "mesh.readyz": ("Readiness: 503 until the node's models are loaded", None),
     "mesh.status": ("This node and every node of the mesh", None),

@@ -21,6 +21,7 @@
 | gallery          | --gallery (repeat)| MESH_GALLERY (comma)| none beyond the built-in index   |
 | offer_memory     | --offer-memory    | MESH_OFFER_MEMORY   | 0 (lend nothing to RPC splits)   |
 | rpc_threads      |                   | MESH_RPC_THREADS    | 0 (all cores): threads of the RPC server lent, and of split models loaded here |
+| response_retention_days |            | MESH_RESPONSE_RETENTION_DAYS | 30: stored Responses API objects kept, then deleted |
 
 `<home>/config.yaml`, when present, may set any of these keys.
 """
@@ -61,6 +62,7 @@ class NodeConfig(BaseModel):
     gallery: list[str] = Field(default_factory=list)
     offer_memory: int = Field(0, ge=0)
     rpc_threads: int = Field(0, ge=0)
+    response_retention_days: float = Field(30, gt=0)
 
     @field_validator("offer_memory", mode="before")
     @classmethod
@@ -107,6 +109,7 @@ _ENV = {
     "max_tokens_limit": "MESH_MAX_TOKENS", "request_timeout": "MESH_REQUEST_TIMEOUT",
     "max_concurrent_per_key": "MESH_MAX_CONCURRENT_PER_KEY",
     "gallery": "MESH_GALLERY", "offer_memory": "MESH_OFFER_MEMORY", "rpc_threads": "MESH_RPC_THREADS",
+    "response_retention_days": "MESH_RESPONSE_RETENTION_DAYS",
 }
 
 

@@ -37,6 +37,8 @@ from mesh.keys import KeyRing
 from mesh.p2p import open_p2p
 from mesh.peers import MeshPeers
 from mesh.proxy import PROTOCOL as PROXY_PROTOCOL, ProxyClient, make_handler as make_proxy_handler
+from mesh.records import PROTOCOL as RECORDS_PROTOCOL, RecordClient
+from mesh.records import make_handler as make_records_handler
 from mesh.router import Router
 from mesh.token import parse_token
 from mesh.tunnel import PROTOCOL as RPC_PROTOCOL, make_handler as make_rpc_handler
@@ -46,6 +48,7 @@ from node.jobs import Jobs
 from node.keepalive import KeepAlive
 from node.local import LocalModels
 from node.metrics import NodeMetrics
+from node.responses import KIND as RESPONSE_KIND, ResponseStore
 from node.rpc_server import RpcServer
 from node.services import Services, say, spec_for
 from node.splits import Splits
@@ -107,7 +110,10 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
         installed = store.get(name)
         wanted.append(installed.id if installed else resolve(index, name).id)
 
+    responses = ResponseStore(config.home / "responses.db",
+                              retention_days=config.response_retention_days)
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(responses.close)      # after the nursery: requests in grace still store
         nursery = await stack.enter_async_context(trio.open_nursery())
         pool = WorkerPool(config.run_dir, max_queue=config.max_queue)
         await nursery.start(pool.serve)
@@ -116,6 +122,7 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
                        store=store, index=index, metrics=NodeMetrics(pool), wanted=wanted,
                        keyring=KeyRing(config.home))
         pool.on_change = svc.notify_changed
+        svc.responses = responses
         svc.jobs = await nursery.start(Jobs(store, peer_fetchers=svc.peer_fetchers,
                                             after_install=svc.load_model).serve)
         svc.keepalive = await nursery.start(KeepAlive(pool, store, unload=svc.unload_model,
@@ -143,6 +150,8 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
                                                     stopping=shutdown.is_set).serve)
             p2p.set_handler(FILES_PROTOCOL, make_files_handler(store.find_file_by_sha256,
                                                                store.models_dir))
+            responses.join(p2p.peer_id, RecordClient(p2p))
+            p2p.set_handler(RECORDS_PROTOCOL, make_records_handler({RESPONSE_KIND: responses}))
             nursery.start_soon(_merge_gossiped_keys, svc)
             for addr in p2p.addrs:
                 say(f"p2p {addr}")

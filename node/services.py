@@ -50,6 +50,7 @@ class Services:
     p2p: Any = None
     rpc: Any = None          # node/rpc_server.py: the RPC server this node lends (offer_memory)
     splits: Any = None       # node/splits.py: models split over peers
+    responses: Any = None    # node/responses.py: stored Responses API objects, mesh-wide
     keepalive: Any = None    # node/keepalive.py: on-demand loads and idle unloads (Ollama)
     wanted: list[str] = field(default_factory=list)     # model ids this node serves
     startup_error: str | None = None
