@@ -88,6 +88,10 @@ class KeepAlive:
         log.info("loading %s on demand", installed.id)
         w = await self.pool.load(spec_for(installed), wait=True)
         self.on_demand.add(w.id)
+        t = self.timers.setdefault(w.id, _Timer(keep=DEFAULT_KEEP_ALIVE))
+        if not t.holds:          # armed now, so a request that fails before its hold
+            t.deadline = trio.current_time() + t.keep      # cannot leave it loaded for good
+            self._wake()
         self.on_change()
         return w.id
 

@@ -60,7 +60,10 @@ def node(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(node):
-    return ollama.Client(host=node.api, timeout=300)
+    c = ollama.Client(host=node.api, timeout=300)
+    yield c
+    if f"{PULLED}:latest" in {m.model for m in c.list().models}:   # a test failed midway:
+        c.delete(PULLED)                                           # leave the shared dir clean
 
 
 def _loaded(client) -> dict[str, object]:
@@ -102,6 +105,10 @@ def test_options_are_honoured(client) -> None:
                               options={"temperature": 1.2, "seed": 7, "num_predict": 12}).response
               for _ in range(2)]
     assert seeded[0] == seeded[1]
+    lp = client.chat(model=CHAT, messages=ASK, options=GREEDY, logprobs=True, top_logprobs=2)
+    assert len(lp.logprobs) == lp.eval_count and "".join(t.token for t in lp.logprobs) == full
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in lp.logprobs)
+    assert lp.logprobs[0].top_logprobs[0].token == lp.logprobs[0].token     # greedy: the best
 
 
 def test_generate_templated_raw_and_streamed(client) -> None:
