@@ -62,6 +62,7 @@ bp = Blueprint("ollama", __name__)
 
 VERSION = "0.9.0"       # the Ollama API this adapter follows (docs/ollama.md: what differs)
 FOREVER = "2318-01-01T00:00:00Z"     # expires_at of a model kept loaded for good, as Ollama's
+FOREVER_TS = datetime(2318, 1, 1, tzinfo=timezone.utc).timestamp()
 NDJSON = "application/x-ndjson"
 
 
@@ -242,6 +243,8 @@ class _Options:
                 opts[k] = int(v)
             elif not isinstance(v, int) or isinstance(v, bool):
                 raise BadRequest(f"option '{k}' must be an integer", param=f"options.{k}")
+            if not -2**63 <= opts[k] < 2**63:
+                raise BadRequest(f"option '{k}' is out of range", param=f"options.{k}")
         try:
             self.sampling = Sampling(**{k: opts[k] for k in _SAMPLING if k in opts})
         except ValidationError as exc:
@@ -687,7 +690,8 @@ async def ps():
                     "digest": _digest(installed) if installed else "",
                     "details": _details(installed, svc.model_metadata(installed)
                                         if installed else {}),
-                    "expires_at": _iso(exp) if exp is not None else FOREVER,
+                    "expires_at": _iso(exp) if exp is not None and exp < FOREVER_TS
+                    else FOREVER,
                     # llama offloads every layer to a GPU unless gpu_layers says otherwise
                     "size_vram": size if gpu and m["backend"] == "llama"
                     and m["gpu_layers"] in (None, -1) else 0,
