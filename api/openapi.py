@@ -71,7 +71,7 @@ DOCS: dict[str, tuple[str, type[BaseModel] | None]] = {
     "ollama.embed": ("Ollama: embeddings of one input or a list", EmbedBody),
     "ollama.embeddings": ("Ollama: one embedding (legacy form)", EmbeddingsBody),
     "ollama.tags": ("Ollama: the models usable from this node", None),
-    "ollama.ps": ("Ollama: the models loaded on this node, with their keep_alive expiry", None),
+    "ollama.ps": ("Ollama: the models loaded on this node, with when each unloads", None),
     "ollama.show": ("Ollama: a model's details, metadata, template and parameters", ShowBody),
     "ollama.pull": ("Ollama: install a gallery model, with progress lines", PullBody),
     "ollama.delete": ("Ollama: delete an installed model", DeleteBody),
