@@ -29,7 +29,7 @@ import itertools
 import json
 import secrets
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from quart import Blueprint, request
@@ -79,8 +79,9 @@ class ResponsesRequest(BaseModel):
     user: str | None = None
     safety_identifier: str | None = Field(None, max_length=64)
     prompt_cache_key: str | None = None
-    prompt_cache_retention: str | None = None
-    service_tier: str | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast",
+                          "ultrafast"] | None = None
     max_tool_calls: int | None = Field(None, ge=0)
     # refused unless neutral
     background: bool | None = None
@@ -163,23 +164,25 @@ def _item(x: Any, i: int) -> dict[str, Any]:
                          param=f"{param}.type", code="unsupported_parameter")
     for key in sorted(set(x) - _ITEM_KEYS[kind]):
         raise BadRequest(f"unrecognized field of a {kind} item: {key}", param=f"{param}.{key}")
+    given_id = x.get("id")
+    if given_id is not None and (not isinstance(given_id, str) or not given_id):
+        raise BadRequest(f"{param}.id must be a non-empty string", param=f"{param}.id")
     if kind == "message":
         role = x.get("role")
         if role not in ("user", "assistant", "system", "developer"):
             raise BadRequest(f"{param}.role must be user, assistant, system or developer",
                              param=f"{param}.role")
         text = _text_of(x.get("content"), f"{param}.content")
-        part = ({"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-                if role == "assistant" else {"type": "input_text", "text": text})
-        return {"id": x.get("id") or _new("msg_"), "type": "message", "role": role,
+        part = _part(text, []) if role == "assistant" else {"type": "input_text", "text": text}
+        return {"id": given_id or _new("msg_"), "type": "message", "role": role,
                 "content": [part], "status": "completed"}
     for key in ("call_id",) + (("name", "arguments") if kind == "function_call" else ()):
         if not isinstance(x.get(key), str) or not x[key]:
             raise BadRequest(f"a {kind} item needs '{key}' (a string)", param=f"{param}.{key}")
     if kind == "function_call":
-        return {"id": x.get("id") or _new("fc_"), "type": kind, "call_id": x["call_id"],
+        return {"id": given_id or _new("fc_"), "type": kind, "call_id": x["call_id"],
                 "name": x["name"], "arguments": x["arguments"], "status": "completed"}
-    return {"id": x.get("id") or _new("fco_"), "type": kind, "call_id": x["call_id"],
+    return {"id": given_id or _new("fco_"), "type": kind, "call_id": x["call_id"],
             "output": _text_of(x.get("output"), f"{param}.output"), "status": "completed"}
 
 
@@ -225,9 +228,10 @@ def _tools(req: ResponsesRequest) -> tuple[tuple[Tool, ...], str, list[dict[str,
         if given.get("type") == "function" and isinstance(given.get("name"), str):
             choice = given["name"]
         elif given.get("type") == "allowed_tools" and given.get("mode") in ("auto", "required"):
-            names = [a.get("name") for a in given.get("tools") or [] if isinstance(a, dict)
-                     and a.get("type") == "function"]
-            if not names or len(names) != len(given.get("tools") or []):
+            listed = given.get("tools")
+            names = [a.get("name") for a in listed if isinstance(a, dict)
+                     and a.get("type") == "function"] if isinstance(listed, list) else []
+            if not names or len(names) != len(listed):
                 raise BadRequest("tool_choice.tools must list function tools by name",
                                  param="tool_choice.tools")
             allowed = [t for t in tools if t.name in names]
@@ -244,6 +248,10 @@ def _tools(req: ResponsesRequest) -> tuple[tuple[Tool, ...], str, list[dict[str,
     return tuple(allowed), check_tool_choice(choice, tuple(allowed)), echo, given
 
 
+_FORMAT_KEYS = {"text": {"type"}, "json_object": {"type"},
+                "json_schema": {"type", "name", "schema", "strict", "description"}}
+
+
 def _text_format(text: dict[str, Any] | None):
     """(the worker's constraint or None, the `text` echoed)."""
     text = dict(text or {})
@@ -254,22 +262,23 @@ def _text_format(text: dict[str, Any] | None):
                          param="text.verbosity", code="unsupported_parameter")
     fmt = text.get("format") or {"type": "text"}
     kind = fmt.get("type") if isinstance(fmt, dict) else None
-    echo = {"format": fmt, "verbosity": "medium"}
-    if kind == "text":
-        return None, echo
-    if kind == "json_object":
-        return json_constraint(None), echo
-    if kind != "json_schema":
+    if kind not in _FORMAT_KEYS:
         raise BadRequest("text.format.type must be text, json_object or json_schema",
                          param="text.format.type")
+    for key in sorted(set(fmt) - _FORMAT_KEYS[kind]):
+        raise BadRequest(f"unrecognized field of text.format: {key}", param=f"text.format.{key}")
+    echo = {"format": fmt, "verbosity": "medium"}
+    if kind != "json_schema":
+        return (json_constraint(None) if kind == "json_object" else None), echo
     name, schema = fmt.get("name"), fmt.get("schema")
     if not isinstance(name, str) or not name:
         raise BadRequest("text.format of type json_schema needs a 'name'", param="text.format.name")
     if not isinstance(schema, dict):
         raise BadRequest("text.format of type json_schema needs a 'schema' object",
                          param="text.format.schema")
-    for key in sorted(set(fmt) - {"type", "name", "schema", "strict", "description"}):
-        raise BadRequest(f"unrecognized field of text.format: {key}", param=f"text.format.{key}")
+    if not isinstance(fmt.get("description", ""), str):
+        raise BadRequest("text.format.description must be a string",
+                         param="text.format.description")
     return json_constraint(schema, param="text.format.schema"), echo
 
 
@@ -311,7 +320,7 @@ class _Turn:
                  want_logprobs: bool) -> None:
         self.responses = services().responses      # streams run outside the app context
         self.key_id = (caller() or {}).get("key_id")
-        self.req, self.want_logprobs = req, want_logprobs
+        self.want_logprobs = want_logprobs
         self.store = req.store is not False
         self.id = self.responses.new_id()
         self.created = int(time.time())
@@ -327,7 +336,7 @@ class _Turn:
             "top_logprobs": req.top_logprobs or 0, "top_p": req.top_p,
             "truncation": "disabled", "metadata": req.metadata or {},
             "background": False}
-        for name in ("user", "safety_identifier", "prompt_cache_key"):   # echoed when given
+        for name in ("user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention"):
             if getattr(req, name) is not None:
                 self.base[name] = getattr(req, name)
 
@@ -378,7 +387,12 @@ async def create_response():
                            param="previous_response_id",
                            code="previous_response_not_found") from None
         context = [*prev["context"], *prev["input_items"], *prev["response"]["output"]]
-    system = [Message(role="system", content=req.instructions)] if req.instructions else []
+    # a json_schema's description is for the model (OpenAI: "used by the model to determine
+    # how to respond in the format"): it joins the instructions
+    about = text_echo["format"].get("description") if constraint is not None else None
+    note = f"Respond in the format {text_echo['format']['name']!r}: {about}" if about else None
+    said = "\n\n".join(x for x in (req.instructions, note) if x)
+    system = [Message(role="system", content=said)] if said else []
     gen = Generate(model=req.model, messages=tuple(system + _messages(context + items)),
                    max_tokens=limit_tokens(req.max_output_tokens, "max_output_tokens"),
                    sampling=Sampling(temperature=req.temperature, top_p=req.top_p),

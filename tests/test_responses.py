@@ -242,7 +242,8 @@ def test_text_format_json_schema_output_validates(mesh) -> None:
         "required": ["colour", "count"], "additionalProperties": False}
     r = c.responses.create(model=CHAT, input="Pick a colour and a number.", temperature=0,
                            max_output_tokens=40, text={"format": {
-                               "type": "json_schema", "name": "pick", "schema": schema}})
+                               "type": "json_schema", "name": "pick", "schema": schema,
+                               "description": "A colour and how many of it"}})
     jsonschema.validate(json.loads(r.output_text), schema)
     assert r.text.format.type == "json_schema"
     r = c.responses.create(model=CHAT, input="Give me a JSON object about a cat.",
