@@ -13,6 +13,7 @@ from quart_trio import QuartTrio
 from api import errors
 from api.anthropic_routes import bp as anthropic_bp
 from api.auth import AuthMiddleware
+from api.batch_routes import bp as batch_bp
 from api.drain import DrainUnreadBody
 from api.key_routes import bp as keys_bp
 from api.mesh_routes import bp as mesh_bp
@@ -37,6 +38,7 @@ def create_app(services) -> QuartTrio:
     app.register_blueprint(ollama_bp)
     app.register_blueprint(speech_bp)
     app.register_blueprint(tokenize_bp)
+    app.register_blueprint(batch_bp)
     app.register_blueprint(mesh_bp)
     app.register_blueprint(models_bp)
     app.register_blueprint(keys_bp)

@@ -35,6 +35,7 @@ _FEATURES = (("/v1/chat/", "chat"), ("/v1/responses", "chat"), ("/v1/messages", 
              ("/api/generate", "completions"), ("/tokenize", "completions"),
              ("/detokenize", "completions"), ("/v1/embeddings", "embeddings"),
              ("/api/embed", "embeddings"), ("/v1/audio/", "audio"), ("/v1/models", "models"),
+             ("/v1/files", "batch"), ("/v1/batches", "batch"),
              ("/api/tags", "models"), ("/api/ps", "models"), ("/api/show", "models"),
              ("/api/version", "models"), ("/api/", "admin"),   # pull, delete, copy, create
              ("/mesh/", "admin"), ("/metrics", "admin"))

@@ -9,6 +9,7 @@ node header) is written once.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,8 +17,8 @@ from quart import current_app, request
 
 from mesh.errors import BadRequest, MeshError
 from mesh.router import Call
-from mesh.wire.inference import (Delta, Done, Failed, Result, TokenLogprob, Tool, ToolCall,
-                                 Usage, error_from_failed)
+from mesh.wire.inference import (Delta, Done, Failed, Generate, Result, TokenLogprob, Tool,
+                                 ToolCall, Usage, error_from_failed)
 from mesh.wire.inference import ResponseFormat as Constraint
 from mesh.wire.schema import check_schema
 
@@ -26,9 +27,22 @@ def services():
     return current_app.config["MESH"]
 
 
+# Set by work done on a caller's behalf outside an HTTP request (node/batches.py runs a
+# batch's lines as the key that created it); otherwise the request's caller is used.
+ON_BEHALF: ContextVar[dict[str, Any] | None] = ContextVar("on_behalf_of")
+
+
 def caller() -> dict[str, Any] | None:
     """The authenticated caller (api/auth.py), None on an open mesh."""
+    who = ON_BEHALF.get(_UNSET)
+    if who is not _UNSET:
+        return who
     return (request.scope.get("extensions") or {}).get("mesh.caller")
+
+
+_UNSET: Any = object()
+# Set for batch lines (node/batches.py): generations are sent as background work.
+BACKGROUND: ContextVar[bool] = ContextVar("background", default=False)
 
 
 def node_headers(call: Call | None = None) -> dict[str, str]:
@@ -48,6 +62,8 @@ def limit_tokens(n: int | None, param: str = "max_tokens") -> int | None:
 
 
 async def open_call(req) -> Call:
+    if BACKGROUND.get() and isinstance(req, Generate):
+        req = req.model_copy(update={"background": True})
     return await services().router.open(req, caller=caller())
 
 

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mesh.errors import BadRequest, Conflict, NotFound
 
-FEATURES = ("chat", "completions", "embeddings", "audio", "models", "admin")
+FEATURES = ("chat", "completions", "embeddings", "audio", "models", "batch", "admin")
 FILE = "keys.json"
 
 

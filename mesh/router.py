@@ -206,6 +206,18 @@ class Router:
                  if self.silent_since.get(p.peer_id, float("-inf")) < p.last_seen]
         return sorted(cands, key=lambda p: (self.wait(p), -p.tokens_per_s, p.rtt_ms))
 
+    def capacity(self, model: str) -> int:
+        """Background requests (batch lines) the mesh runs at once for `model`: on every
+        node serving it, its slots less the one a worker keeps for interactive requests
+        (node/backends/batching.py); 0 when nobody serves it."""
+        total = 0
+        local = self.local.find(model)
+        if local is not None and local.state in ("loading", "loaded"):
+            total += max(1, local.slots - 1)
+        if self._meshed():
+            total += sum(max(1, p.slots - 1) for p in self.rank(local.id if local else model))
+        return total
+
     def model_cards(self) -> list[dict[str, Any]]:
         cards = {c["id"]: c for c in self.local.model_cards()}
         if self.peers is not None:

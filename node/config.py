@@ -22,6 +22,10 @@
 | offer_memory     | --offer-memory    | MESH_OFFER_MEMORY   | 0 (lend nothing to RPC splits)   |
 | rpc_threads      |                   | MESH_RPC_THREADS    | 0 (all cores): threads of the RPC server lent, and of split models loaded here |
 | response_retention_days |            | MESH_RESPONSE_RETENTION_DAYS | 30: stored Responses API objects kept, then deleted |
+| batch_max_active |                  | MESH_BATCH_MAX_ACTIVE | 4 batches in progress per API key (0 = no cap) |
+| batch_max_lines  |                  | MESH_BATCH_MAX_LINES | 50,000 lines per batch (OpenAI's limit) |
+
+Uploaded files (`/v1/files`) are capped by max_body_mb, like every request body.
 
 `<home>/config.yaml`, when present, may set any of these keys.
 """
@@ -63,6 +67,8 @@ class NodeConfig(BaseModel):
     offer_memory: int = Field(0, ge=0)
     rpc_threads: int = Field(0, ge=0)
     response_retention_days: float = Field(30, gt=0)
+    batch_max_active: int = Field(4, ge=0)
+    batch_max_lines: int = Field(50_000, ge=1)
 
     @field_validator("offer_memory", mode="before")
     @classmethod
@@ -110,6 +116,7 @@ _ENV = {
     "max_concurrent_per_key": "MESH_MAX_CONCURRENT_PER_KEY",
     "gallery": "MESH_GALLERY", "offer_memory": "MESH_OFFER_MEMORY", "rpc_threads": "MESH_RPC_THREADS",
     "response_retention_days": "MESH_RESPONSE_RETENTION_DAYS",
+    "batch_max_active": "MESH_BATCH_MAX_ACTIVE", "batch_max_lines": "MESH_BATCH_MAX_LINES",
 }
 
 

@@ -27,6 +27,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from api.app import create_app
+from api.openai_routes import answer
 from gallery.catalog import load_index, resolve
 from gallery.installer import install
 from gallery.store import Store
@@ -43,6 +44,7 @@ from mesh.router import Router
 from mesh.token import parse_token
 from mesh.tunnel import PROTOCOL as RPC_PROTOCOL, make_handler as make_rpc_handler
 from mesh.wire.inference import feature_of
+from node.batches import KIND as BATCH_KIND, Batches
 from node.config import NodeConfig
 from node.jobs import Jobs
 from node.keepalive import KeepAlive
@@ -52,6 +54,7 @@ from node.responses import KIND as RESPONSE_KIND, ResponseStore
 from node.rpc_server import RpcServer
 from node.services import Services, say, spec_for
 from node.splits import Splits
+from node.uploads import CONTENT_KIND as FILE_CONTENT_KIND, KIND as FILE_KIND, FileStore
 from node.workers import WorkerPool
 
 log = logging.getLogger("node.daemon")
@@ -128,6 +131,10 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
         svc.keepalive = await nursery.start(KeepAlive(pool, store, unload=svc.unload_model,
                                                       on_change=svc.notify_changed).serve)
         app = create_app(svc)
+        svc.files = FileStore(config.home / "files")
+        stack.callback(svc.files.close)
+        svc.batches = _batches(svc, app, config)
+        stack.callback(svc.batches.close)
 
         shutdown = trio.Event()
         if token is not None:
@@ -151,7 +158,11 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
             p2p.set_handler(FILES_PROTOCOL, make_files_handler(store.find_file_by_sha256,
                                                                store.models_dir))
             responses.join(p2p.peer_id, RecordClient(p2p))
-            p2p.set_handler(RECORDS_PROTOCOL, make_records_handler({RESPONSE_KIND: responses}))
+            svc.files.join(p2p.peer_id, RecordClient(p2p))
+            svc.batches.join(p2p.peer_id, RecordClient(p2p))
+            p2p.set_handler(RECORDS_PROTOCOL, make_records_handler({
+                RESPONSE_KIND: responses, FILE_KIND: svc.files,
+                FILE_CONTENT_KIND: FileStore.Content(svc.files), BATCH_KIND: svc.batches}))
             nursery.start_soon(_merge_gossiped_keys, svc)
             for addr in p2p.addrs:
                 say(f"p2p {addr}")
@@ -170,6 +181,7 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
         if svc.is_open():
             log.warning(OPEN_WARNING, config.host)
         nursery.start_soon(_install_and_load, svc, wanted)
+        await nursery.start(svc.batches.serve)
         task_status.started(svc)
 
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -181,6 +193,28 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
         nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE + 0.5
         for w in pool.workers.values():
             w.stop()
+
+
+def _batches(svc: Services, app, config: NodeConfig) -> Batches:
+    """The Batch API's runner: lines go through the OpenAI adapter (`answer`) in the app's
+    context, so they are validated, routed and answered exactly as over HTTP."""
+    router, keyring = svc.router, svc.keyring
+
+    async def run_line(endpoint: str, body: dict) -> tuple[int, dict]:
+        async with app.app_context():
+            return await answer(endpoint, body)
+
+    def check_model(model: str, endpoint: str) -> None:
+        router.plan(model, kind="embed" if endpoint == "/v1/embeddings" else "generate")
+
+    def authorized(caller) -> bool:
+        return not keyring.enforcing or bool(caller) and any(
+            r.key_id == caller.get("key_id") for r in keyring.live())
+
+    return Batches(config.home / "batches.db", svc.files, run_line=run_line,
+                   capacity=router.capacity, check_model=check_model, authorized=authorized,
+                   max_active_per_key=config.batch_max_active,
+                   max_lines=config.batch_max_lines)
 
 
 def _authorizer(keyring: KeyRing):

@@ -45,6 +45,8 @@ class Services:
     index: dict[str, Any]
     metrics: NodeMetrics
     jobs: Any = None
+    files: Any = None        # node/uploads.py: /v1/files
+    batches: Any = None      # node/batches.py: /v1/batches
     keyring: Any = None
     api_url: str = ""
     p2p: Any = None
@@ -99,6 +101,7 @@ class Services:
             slots = w.slots
             models.append(ModelState(
                 id=w.id, backend=w.spec.backend, state=w.state, ctx=int(w.info.get("ctx") or 0),
+                capabilities=w.capabilities,
                 slots=slots, busy=int(w.stats.get("busy", min(w.in_flight, slots))),
                 queued=int(w.stats.get("queued", max(0, w.in_flight - slots))),
                 tokens_per_s=float(w.stats.get("tokens_per_s") or 0.0),

@@ -122,6 +122,9 @@ class Generate(_Wire):
     # ``index``; a choice ends with a Delta holding its ``finish_reason``, and one Done
     # (usage over all choices) ends the stream.
     n: int = Field(1, ge=1, le=16)
+    # bulk work (a batch line): the worker admits interactive requests first, and never
+    # gives background work a model's last free slot (node/backends/batching.py)
+    background: bool = False
 
     @model_validator(mode="after")
     def _one_input(self) -> "Generate":

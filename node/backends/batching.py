@@ -18,7 +18,10 @@ new request prefers a slot that keeps the busy slots contiguous (below).
 A step. The scheduler thread loops:
   1. reap: a request whose cancel event is set leaves (finish_reason "cancelled"), queued
      or running; its slot is free for this very step;
-  2. admit: queued requests, first come first served, take free slots (see prompt cache);
+  2. admit: queued requests take free slots (see prompt cache): interactive ones first
+     come first served, then background ones (batch lines, Generate.background), which
+     never take the last free slot, so an interactive request arriving during a batch
+     finds one (a single-slot model has no slot to keep: there they queue as the rest);
   3. build ONE `llama_batch`, rows in seq_id order: the last sampled token of every
      generating sequence (one token each, logits on) and prompt tokens of admitted
      requests, handed out oldest request first up to a prefill budget (PREFILL_CHUNK while anything is generating, the whole n_batch
@@ -244,6 +247,7 @@ class Job:
     watch: Any = None              # tool_choice "auto": a tools.Watch over the text
     tools: tuple[Any, ...] = ()    # the declared functions (for tools.recover)
     children: list["Job"] = field(default_factory=list)   # choices 1..n-1 (n > 1)
+    background: bool = False       # a batch line: after interactive jobs, never the last slot
 
     @property
     def argmax(self) -> bool:
@@ -436,10 +440,10 @@ class BatchScheduler:
         while True:
             free = [s for s in self.slots if s.job is None]
             with self._cv:
-                # first come, first served: a request with n choices waits for n slots
-                if not self._queue or len(free) < 1 + len(self._queue[0].children):
+                job = self._next(len(free))
+                if job is None:
                     return
-                job = self._queue.popleft()
+                self._queue.remove(job)
             active = {s.id for s in self.slots if s.job is not None}
             best = min(free, key=lambda s: (-common_prefix(s.cache, job.prompt),
                                             _runs(active | {s.id}), s.last_used))
@@ -451,6 +455,20 @@ class BatchScheduler:
                            key=lambda s: (_runs(active | {s.id}), s.last_used))
                 self._start(slot, child, 0)
                 child.n_fed = len(child.prompt)   # nothing to feed: it gets the parent's KV
+
+    def _next(self, n_free: int) -> Job | None:
+        """The queued job to admit now, if any: interactive ones first come first served
+        (a request with n choices waits for n free slots); background ones after them,
+        and only while a slot would stay free for the next interactive request (unless
+        the model has a single slot)."""
+        interactive = next((j for j in self._queue if not j.background), None)
+        if interactive is not None:
+            return interactive if n_free >= 1 + len(interactive.children) else None
+        if not self._queue:
+            return None
+        job = self._queue[0]
+        keep = 1 if len(self.slots) > 1 else 0
+        return job if n_free >= 1 + len(job.children) + keep else None
 
     def _start(self, slot: Slot, job: Job, n_common: int) -> None:
         n_keep = min(n_common, len(job.prompt) - 1)

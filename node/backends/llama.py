@@ -149,7 +149,8 @@ class LlamaBackend:
                        sampling=sampling, emit=choices.emitter(i) if choices else emit,
                        cancel=cancel, grammar=self._grammar(req), n_logprobs=req.logprobs,
                        tool_mode=tools.forced(req),
-                       watch=tools.Watch() if tools.auto(req) else None, tools=req.tools)
+                       watch=tools.Watch() if tools.auto(req) else None, tools=req.tools,
+                       background=req.background)
 
         job = choice(0)
         job.children = [choice(i) for i in range(1, req.n)]

@@ -1,0 +1,235 @@
+"""The Batch API with the official openai client: files.create + batches.create, poll to
+completed, output lines that match the input, cancel, kill -9 and resume, bad lines
+reported, files private to their key."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import openai
+import pytest
+
+from tests.procs import MeshNode, run_cli
+
+CHAT = "smollm2-135m-instruct"
+POLL_S = 0.25
+
+
+def _lines(n: int, *, max_tokens: int = 8, bad: dict[int, str] | None = None) -> bytes:
+    out = []
+    for i in range(n):
+        if bad and i in bad:
+            out.append(bad[i])
+            continue
+        out.append(json.dumps({"custom_id": f"req-{i}", "method": "POST",
+                               "url": "/v1/chat/completions",
+                               "body": {"model": CHAT, "max_tokens": max_tokens, "temperature": 0,
+                                        "messages": [{"role": "user",
+                                                      "content": f"Count to {i % 7 + 2}."}]}}))
+    return ("\n".join(out) + "\n").encode()
+
+
+def _wait(client, bid: str, until, timeout: float = 600):
+    deadline = time.monotonic() + timeout
+    while True:
+        b = client.batches.retrieve(bid)
+        if until(b):
+            return b
+        assert time.monotonic() < deadline, f"batch stuck: {b.status} {b.request_counts}"
+        time.sleep(POLL_S)     # polling is what a Batch API client does
+
+
+def _output(client, file_id: str) -> list[dict]:
+    return [json.loads(x) for x in client.files.content(file_id).text.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    n = MeshNode(tmp_path_factory.mktemp("batch") / "home",
+                 ["--model", CHAT, "--no-mdns", "--name", "b"]).start().wait_ready()
+    yield n
+    n.stop()
+
+
+@pytest.fixture
+def client(node):
+    return openai.OpenAI(base_url=node.v1, api_key="unused", max_retries=0, timeout=60)
+
+
+def test_fifty_chat_lines_complete_with_matching_custom_ids(client) -> None:
+    f = client.files.create(file=("in.jsonl", _lines(50)), purpose="batch")
+    assert f.purpose == "batch" and f.bytes > 0 and f.id.startswith("file-")
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                              completion_window="24h", metadata={"job": "fifty"})
+    assert b.status in ("validating", "in_progress") and b.metadata == {"job": "fifty"}
+    b = _wait(client, b.id, lambda b: b.status in ("completed", "failed"))
+    assert b.status == "completed", b.errors
+    assert (b.request_counts.total, b.request_counts.completed, b.request_counts.failed) == (50, 50, 0)
+    assert b.completed_at >= b.in_progress_at >= b.created_at and b.error_file_id is None
+    out = _output(client, b.output_file_id)
+    assert [x["custom_id"] for x in out] == [f"req-{i}" for i in range(50)]
+    for x in out:
+        assert x["response"]["status_code"] == 200 and x["error"] is None
+        body = openai.types.chat.ChatCompletion.model_validate(x["response"]["body"])
+        assert body.choices[0].message.content and body.usage.completion_tokens <= 8
+    assert b.id in [x.id for x in client.batches.list(limit=100)]
+
+
+def test_greedy_lines_answer_as_the_interactive_route_does(client) -> None:
+    f = client.files.create(file=("in.jsonl", _lines(3)), purpose="batch")
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    b = _wait(client, b.id, lambda b: b.status == "completed")
+    for x in _output(client, b.output_file_id):
+        i = int(x["custom_id"].split("-")[1])
+        alone = client.chat.completions.create(
+            model=CHAT, max_tokens=8, temperature=0,
+            messages=[{"role": "user", "content": f"Count to {i % 7 + 2}."}])
+        assert x["response"]["body"]["choices"][0]["message"]["content"] == \
+            alone.choices[0].message.content
+
+
+def test_a_batch_with_three_bad_lines_fails_validation_naming_them(client) -> None:
+    bad = {2: "{not json", 5: json.dumps({"custom_id": "req-0", "method": "POST",
+                                          "url": "/v1/chat/completions",
+                                          "body": {"model": CHAT, "messages": []}}),
+           7: json.dumps({"custom_id": "x7", "method": "POST", "url": "/v1/chat/completions",
+                          "body": {"model": "no-such-model", "messages": []}})}
+    f = client.files.create(file=("bad.jsonl", _lines(9, bad=bad)), purpose="batch")
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    b = _wait(client, b.id, lambda b: b.status in ("failed", "completed"))
+    assert b.status == "failed" and b.failed_at
+    errs = {e.line: e.code for e in b.errors.data}
+    assert errs == {3: "invalid_json_line", 6: "duplicate_custom_id", 8: "model_not_found"}
+
+
+def test_lines_that_fail_go_to_the_error_file(client) -> None:
+    line = json.dumps({"custom_id": "too-long", "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": CHAT, "max_tokens": 4, "messages": [
+                           {"role": "user", "content": "hi"}], "best_of": 3}})
+    f = client.files.create(file=("e.jsonl", _lines(2) + line.encode() + b"\n"), purpose="batch")
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    b = _wait(client, b.id, lambda b: b.status == "completed")
+    assert (b.request_counts.completed, b.request_counts.failed) == (2, 1)
+    (err,) = _output(client, b.error_file_id)
+    assert err["custom_id"] == "too-long" and err["response"]["status_code"] == 400
+    assert "error" in err["response"]["body"]
+    assert [x["custom_id"] for x in _output(client, b.output_file_id)] == ["req-0", "req-1"]
+
+
+def test_cancel_mid_way_keeps_only_finished_lines(client) -> None:
+    f = client.files.create(file=("c.jsonl", _lines(60, max_tokens=48)), purpose="batch")
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    _wait(client, b.id, lambda b: b.request_counts.completed >= 3)
+    c = client.batches.cancel(b.id)
+    assert c.status in ("cancelling", "cancelled")
+    b = _wait(client, b.id, lambda b: b.status == "cancelled")
+    assert b.cancelled_at and 3 <= b.request_counts.completed < 60
+    done = _output(client, b.output_file_id)
+    assert len(done) == b.request_counts.completed
+    assert all(x["response"]["status_code"] == 200 for x in done)
+    never = _output(client, b.error_file_id)
+    assert {x["error"]["code"] for x in never} == {"batch_cancelled"}
+    assert sorted(x["custom_id"] for x in done + never) == sorted(f"req-{i}" for i in range(60))
+    with pytest.raises(openai.ConflictError):
+        client.batches.cancel(_wait(client, b.id, lambda b: True).id) if False else \
+            client.batches.cancel(_done_batch(client))
+
+
+def _done_batch(client) -> str:
+    f = client.files.create(file=("d.jsonl", _lines(1)), purpose="batch")
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    return _wait(client, b.id, lambda b: b.status == "completed").id
+
+
+def test_bad_requests_are_400s_naming_the_field(client) -> None:
+    f = client.files.create(file=("u.jsonl", b'{"a": 1}\n'), purpose="user_data")
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    assert ei.value.body["param"] == "input_file_id"
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.batches.create(input_file_id=f.id, endpoint="/v1/moderations",
+                              completion_window="24h")
+    assert ei.value.body["param"] == "endpoint"
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                              completion_window="1h")
+    assert ei.value.body["param"] == "completion_window"
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.files.create(file=("x.jsonl", b"{}"), purpose="fine-tune")
+    assert ei.value.body["param"] == "purpose"
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_nope")
+
+
+def test_kill_9_mid_batch_resumes_without_redoing_lines(tmp_path) -> None:
+    home = tmp_path / "home"
+    args = ["--model", CHAT, "--no-mdns", "--name", "k"]
+    n = MeshNode(home, args).start().wait_ready()
+    try:
+        c = openai.OpenAI(base_url=n.v1, api_key="unused", max_retries=0, timeout=60)
+        f = c.files.create(file=("k.jsonl", _lines(40, max_tokens=24)), purpose="batch")
+        b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                             completion_window="24h")
+        before = _wait(c, b.id, lambda b: b.request_counts.completed >= 5).request_counts.completed
+    finally:
+        n.stop(sig=signal.SIGKILL)
+    n = MeshNode(home, args).start().wait_ready()
+    try:
+        c = openai.OpenAI(base_url=n.v1, api_key="unused", max_retries=0, timeout=60)
+        b = _wait(c, b.id, lambda b: b.status == "completed")
+        assert b.request_counts.completed == 40 and b.request_counts.total == 40
+        out = _output(c, b.output_file_id)
+        ids = [x["custom_id"] for x in out]
+        assert ids == [f"req-{i}" for i in range(40)]          # each line once, in order
+        assert before >= 5
+    finally:
+        n.stop()
+
+
+def test_another_key_cannot_see_a_file_or_a_batch(tmp_path) -> None:
+    n = MeshNode(tmp_path / "home", ["--model", CHAT, "--no-mdns", "--name", "kk"]).start().wait_ready()
+    try:
+        def key(name, features, admin=None):
+            r = run_cli("keys", "create", "--name", name, "--features", features, "--url", n.api,
+                        *(["--key", admin] if admin else []))
+            assert r.returncode == 0, r.stderr
+            return r.stdout.strip().splitlines()[-1].split()[-1]
+        admin = key("owner", "admin")
+        alice = openai.OpenAI(base_url=n.v1, api_key=key("alice", "batch,chat", admin), max_retries=0)
+        bob = openai.OpenAI(base_url=n.v1, api_key=key("bob", "batch,chat", admin), max_retries=0)
+        chat_only = openai.OpenAI(base_url=n.v1, api_key=key("carol", "chat", admin), max_retries=0)
+        f = alice.files.create(file=("a.jsonl", _lines(2)), purpose="batch")
+        assert alice.files.retrieve(f.id).id == f.id
+        for call in (lambda: bob.files.retrieve(f.id), lambda: bob.files.content(f.id),
+                     lambda: bob.files.delete(f.id),
+                     lambda: bob.batches.create(input_file_id=f.id, completion_window="24h",
+                                                endpoint="/v1/chat/completions")):
+            with pytest.raises(openai.NotFoundError):
+                call()
+        assert f.id not in [x.id for x in bob.files.list()]
+        with pytest.raises(openai.PermissionDeniedError):
+            chat_only.files.list()
+        b = alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h")
+        with pytest.raises(openai.NotFoundError):
+            bob.batches.retrieve(b.id)
+        b = _wait(alice, b.id, lambda b: b.status == "completed")
+        assert len(_output(alice, b.output_file_id)) == 2
+        with pytest.raises(openai.NotFoundError):
+            bob.files.content(b.output_file_id)
+        assert alice.files.delete(f.id).deleted
+        with pytest.raises(openai.NotFoundError):
+            alice.files.retrieve(f.id)
+    finally:
+        n.stop()
