@@ -21,10 +21,10 @@ one line per input line, in input order: a 2xx answer in the output file, any ot
 status in the error file with its error body, and a line that never ran (cancelled,
 expired) in the error file with `error.code` batch_cancelled / batch_expired.
 
-Dispatch. Each line runs through the same code as its HTTP route (api/openai_routes.py
-`answer`: validation, the router, a peer or this node's workers), as the key that made
-the batch (`api.common.ON_BEHALF`) and marked background (`api.common.BACKGROUND` ->
-`Generate.background`): a worker admits interactive requests first, and a background
+Dispatch. Each line runs through the same code as its HTTP route (`run_line`, which the
+composition root makes from api/openai_routes.py `answer`: validation, the router, a peer
+or this node's workers), as the key that made the batch and marked background
+(`Generate.background`): a worker admits interactive requests first, and a background
 one never takes a model's last free slot (node/backends/batching.py). How many lines of
 one model are in flight at once is the mesh's capacity for it (`Router.capacity`: over
 every node serving it, its slots minus the one kept free), re-read before each line, so
@@ -48,7 +48,6 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from api.common import BACKGROUND, ON_BEHALF
 from mesh.errors import BadRequest, Conflict, MeshError, NotFound, RateLimited
 from mesh.records import RecordClient, make_id, owner_of
 from node.uploads import FileStore, key_of, visible
@@ -79,7 +78,9 @@ CREATE TABLE IF NOT EXISTS lines (
     PRIMARY KEY (batch_id, n));
 """
 
-RunLine = Callable[[str, dict[str, Any]], Awaitable[tuple[int, dict[str, Any]]]]
+# (endpoint, body, caller) -> (status, body): one line through the API (node/daemon.py)
+RunLine = Callable[[str, dict[str, Any], dict[str, Any] | None],
+                   Awaitable[tuple[int, dict[str, Any]]]]
 
 
 class Batches:
@@ -370,10 +371,8 @@ class Batches:
     async def _line(self, bid: str, n: int, endpoint: str, body: dict[str, Any],
                     caller, lim: trio.CapacityLimiter, token: object) -> None:
         try:
-            ON_BEHALF.set(caller)
-            BACKGROUND.set(True)
             for attempt in range(RETRIES + 1):
-                status, answer = await self.run_line(endpoint, body)
+                status, answer = await self.run_line(endpoint, body, caller)
                 if status not in RETRY_STATUSES:
                     break
                 log.info("batch %s line %d: %d, %s", bid, n, status,

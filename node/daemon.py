@@ -27,6 +27,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from api.app import create_app
+from api.common import BACKGROUND, ON_BEHALF
 from api.openai_routes import answer
 from gallery.catalog import load_index, resolve
 from gallery.installer import install
@@ -200,8 +201,10 @@ def _batches(svc: Services, app, config: NodeConfig) -> Batches:
     context, so they are validated, routed and answered exactly as over HTTP."""
     router, keyring = svc.router, svc.keyring
 
-    async def run_line(endpoint: str, body: dict) -> tuple[int, dict]:
+    async def run_line(endpoint: str, body: dict, caller) -> tuple[int, dict]:
         async with app.app_context():
+            ON_BEHALF.set(caller)       # this task runs as the batch's key...
+            BACKGROUND.set(True)        # ...and its generations as background work
             return await answer(endpoint, body)
 
     def check_model(model: str, endpoint: str) -> None:
