@@ -391,11 +391,7 @@ async def count_tokens():
     """The prompt's tokens as the model's chat template renders it (the wire's Tokenize)."""
     req = await json_body(MessagesPrompt)
     _refuse(req)
-    if req.tools:
-        raise BadRequest("counting the tokens of 'tools' is not supported by this server yet "
-                         "(the tokenizer renders messages only); remove them",
-                         param="tools", code="unsupported_parameter")
-    _tools(req)                                   # tool_choice checked as /v1/messages does
+    tools, _, _ = _tools(req)                     # checked as /v1/messages does
     _constraint(req.output_config)
-    res, call = await result(Tokenize(model=req.model, messages=_turns(req)))
+    res, call = await result(Tokenize(model=req.model, messages=_turns(req), tools=tools))
     return json_response({"input_tokens": len(res["tokens"])}, headers=node_headers(call))

@@ -79,7 +79,7 @@ def openai_error(exc: E.MeshError) -> dict[str, Any]:
 # Anthropic's error types by status (https://docs.anthropic.com/en/api/errors).
 _ANTHROPIC = {400: "invalid_request_error", 401: "authentication_error",
               403: "permission_error", 404: "not_found_error", 413: "request_too_large",
-              429: "rate_limit_error", 503: "overloaded_error"}
+              429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error"}
 
 
 def anthropic_error(exc: E.MeshError) -> dict[str, Any]:

@@ -55,16 +55,30 @@ def _usage(u: Usage) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ models
+def _anthropic_card(card: dict[str, Any]) -> dict[str, Any]:
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(card.get("created") or 0))
+    return {"type": "model", "id": card["id"], "display_name": card["id"],
+            "created_at": created}
+
+
 @bp.get("/v1/models")
 async def list_models():
-    return json_response({"object": "list", "data": services().router.model_cards()},
-                         headers=node_headers())
+    cards = services().router.model_cards()
+    if "anthropic-version" in request.headers:      # the Anthropic SDK's models.list()
+        data = [_anthropic_card(c) for c in cards]
+        return json_response({"data": data, "has_more": False,
+                              "first_id": data[0]["id"] if data else None,
+                              "last_id": data[-1]["id"] if data else None},
+                             headers=node_headers())
+    return json_response({"object": "list", "data": cards}, headers=node_headers())
 
 
 @bp.get("/v1/models/<path:model_id>")
 async def get_model(model_id: str):
     for card in services().router.model_cards():
         if card["id"] == model_id:
+            if "anthropic-version" in request.headers:
+                return json_response(_anthropic_card(card), headers=node_headers())
             return json_response(card, headers=node_headers())
     raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
 

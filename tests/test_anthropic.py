@@ -84,6 +84,13 @@ def test_create_returns_a_message_with_usage(smol) -> None:
     assert _text(short).strip()
 
 
+def test_the_sdks_models_list_reads_the_mesh_models(smol) -> None:
+    client, _ = smol
+    ids = [m.id for m in client.models.list()]
+    assert CHAT in ids and all(m.type == "model" for m in client.models.list())
+    assert client.models.retrieve(CHAT).id == CHAT
+
+
 def test_sampling_fields_are_honoured(smol) -> None:
     client, _ = smol
     greedy = _text(client.messages.create(model=CHAT, max_tokens=12, messages=STORY,
@@ -255,6 +262,16 @@ def test_count_tokens_matches_the_prompt_of_a_generation(smol) -> None:
 def _tool_use(msg):
     (block,) = [b for b in msg.content if b.type == "tool_use"]
     return block
+
+
+def test_count_tokens_counts_the_tools_as_the_template_renders_them(qwen) -> None:
+    client, _ = qwen
+    bare = client.messages.count_tokens(model=QWEN, messages=ASK)
+    n = client.messages.count_tokens(model=QWEN, messages=ASK, tools=TOOLS)
+    r = client.messages.create(model=QWEN, max_tokens=1, messages=ASK, tools=TOOLS,
+                               tool_choice={"type": "none"})
+    assert n.input_tokens > bare.input_tokens
+    assert n.input_tokens == r.usage.input_tokens + r.usage.cache_read_input_tokens
 
 
 def test_a_named_tool_round_trip(qwen) -> None:

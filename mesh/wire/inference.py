@@ -159,6 +159,7 @@ class Tokenize(_Wire):
     model: str
     content: str | None = None
     messages: tuple[Message, ...] | None = Field(None, strict=False)
+    tools: tuple[Tool, ...] = Field((), strict=False)       # rendered with the messages
     add_special: bool = False
     with_pieces: bool = False
 
@@ -205,6 +206,8 @@ def feature_of(req) -> str:
     """The API-key feature a request needs (mesh/keys.py FEATURES)."""
     if isinstance(req, Generate):
         return "chat" if req.chat else "completions"
+    if isinstance(req, Tokenize) and req.messages is not None:
+        return "chat"               # counting a chat prompt (/v1/messages/count_tokens)
     return _FEATURE[req.kind]
 
 

@@ -214,7 +214,8 @@ class LlamaBackend:
     # ------------------------------------------------------------ token ids
     def tokenize(self, req: Tokenize) -> dict[str, Any]:
         if req.messages is not None:
-            toks, _ = self._prompt_tokens(Generate(model=req.model, messages=req.messages))
+            toks, _ = self._prompt_tokens(Generate(model=req.model, messages=req.messages,
+                                                   tools=req.tools))
         else:
             toks = self.model.tokenize(req.content.encode("utf-8"), add_bos=req.add_special,
                                        special=True)
