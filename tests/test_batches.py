@@ -167,6 +167,26 @@ def test_batch_lines_leave_a_slot_free_for_interactive_requests(client, node) ->
     assert b.status == "completed" and max(seen) == slots - 1, seen
 
 
+def test_the_cli_lists_follows_and_downloads_a_batch(client, node, tmp_path) -> None:
+    f = client.files.create(file=("cli.jsonl", _lines(4)), purpose="batch")
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    r = run_cli("batches", "show", b.id, "--follow", "--url", node.api, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"{b.id}: completed, 4/4 (0 failed)" in r.stdout
+    r = run_cli("batches", "list", "--json", "--url", node.api)
+    assert b.id in [x["id"] for x in json.loads(r.stdout)]
+    out = tmp_path / "out.jsonl"
+    r = run_cli("batches", "download", b.id, "-o", str(out), "--url", node.api)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["custom_id"] for x in out.read_text().splitlines()] == \
+        [f"req-{i}" for i in range(4)]
+    r = run_cli("batches", "download", b.id, "--errors", "--url", node.api)
+    assert r.returncode == 1 and "has no error file" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("batches", "cancel", "batch_nope", "--url", node.api)
+    assert r.returncode == 1 and "404" in r.stderr
+
+
 def test_bad_requests_are_400s_naming_the_field(client) -> None:
     f = client.files.create(file=("u.jsonl", b'{"a": 1}\n'), purpose="user_data")
     with pytest.raises(openai.BadRequestError) as ei:

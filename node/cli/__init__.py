@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from node.cli import batches as _batches
 from node.cli import keys as _keys
 from node.cli import models as _models
 from node.cli import up as _up
@@ -25,7 +26,8 @@ def cli() -> None:
 
 
 for command in (_up.up, _status.status, _token.token, _models.gallery, _models.install,
-                _models.models, _models.load, _models.unload, _models.remove, _keys.keys):
+                _models.models, _models.load, _models.unload, _models.remove, _keys.keys,
+                _batches.batches):
     cli.add_command(command)
 
 
