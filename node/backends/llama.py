@@ -61,7 +61,8 @@ class LlamaBackend:
         self.config = config
         self.n_ctx = int(config.get("context_size") or DEFAULT_CONTEXT)
         self.parallel = max(1, int(config.get("parallel") or DEFAULT_PARALLEL))
-        self.threads = int(config.get("threads") or os.cpu_count() or 1)
+        # default: the CPUs this process may run on (taskset, cgroup cpusets), not all
+        self.threads = int(config.get("threads") or len(os.sched_getaffinity(0)))
         self.defaults: dict[str, Any] = dict(config.get("sampling") or {})
         set_verbose(False)            # llama.cpp's log callback: errors only
         llama_cpp.llama_backend_init()

@@ -136,7 +136,7 @@ class PiperBackend:
         with open(f"{path}.json", encoding="utf-8") as f:
             raw = json.load(f)
         opts = onnxruntime.SessionOptions()
-        opts.intra_op_num_threads = int(config.get("threads") or os.cpu_count() or 1)
+        opts.intra_op_num_threads = int(config.get("threads") or len(os.sched_getaffinity(0)))
         opts.inter_op_num_threads = 1
         self.voice = PiperVoice(config=PiperConfig.from_dict(raw), session=onnxruntime.InferenceSession(
             str(path), sess_options=opts, providers=["CPUExecutionProvider"]))

@@ -24,7 +24,7 @@ class WhisperBackend:
 
     def __init__(self, model_path: str, config: dict[str, Any]) -> None:
         self.config = config
-        threads = int(config.get("threads") or os.cpu_count() or 1)
+        threads = int(config.get("threads") or len(os.sched_getaffinity(0)))
         self.model = WhisperModel(model_path, device="cpu", compute_type="int8",
                                   cpu_threads=threads)
         self._lock = threading.Lock()
