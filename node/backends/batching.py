@@ -21,7 +21,8 @@ A step. The scheduler thread loops:
   2. admit: queued requests take free slots (see prompt cache): interactive ones first
      come first served, then background ones (batch lines, Generate.background), which
      never take the last free slot, so an interactive request arriving during a batch
-     finds one (a single-slot model has no slot to keep: there they queue as the rest);
+     finds one (a single-slot model has no slot to keep: there they queue as the rest),
+     and sit out the steps that read an interactive prompt;
   3. build ONE `llama_batch`, rows in seq_id order: the last sampled token of every
      generating sequence (one token each, logits on) and prompt tokens of admitted
      requests, handed out oldest request first up to a prefill budget (PREFILL_CHUNK while anything is generating, the whole n_batch
@@ -491,6 +492,10 @@ class BatchScheduler:
         consecutive seq_ids into one ubatch (llama_batch_allocr::split_equal), so any
         other order costs extra forward passes."""
         busy = [s for s in self.slots if s.job is not None]
+        if any(not s.job.background and s.job.n_fed < len(s.job.prompt) for s in busy):
+            # an interactive prompt is being read: background rows sit this step out, so
+            # its first token costs what it would on an idle node (plus one step at most)
+            busy = [s for s in busy if not s.job.background]
         n_gen = sum(1 for s in busy if not s.job.prefilling)
         budget = self.n_batch - n_gen
         if n_gen:
