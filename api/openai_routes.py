@@ -15,23 +15,21 @@ a 400 naming them (api/schemas.py classifies every one), never accepted and igno
 from __future__ import annotations
 
 import base64
-import json
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable
 
 import numpy as np
-from pydantic import ValidationError
 from quart import Blueprint, Response, request
 
 from api import transcripts
 from api.body import DONE, json_body, sse, sse_response
 from api.common import (check_tool_choice, collect, function_tool, json_constraint,
                         limit_tokens, node_headers, open_call, result, services)
-from api.errors import from_validation, json_response, openai_error, status_of
+from api.errors import json_response, openai_error
 from api.schemas import (CHAT_FIELDS, COMPLETION_FIELDS, NEUTRAL, ChatRequest,
                          CompletionRequest, EmbeddingRequest, TranscriptionForm)
-from mesh.errors import BadRequest, MeshError, ModelNotFound, UnsupportedMedia
+from mesh.errors import BadRequest, ModelNotFound, UnsupportedMedia
 from mesh.router import Call
 from mesh.wire.inference import (Delta, Done, Embed, Failed, Generate, Message,
                                  Sampling, Tool, ToolCall, Transcribe, Usage,
@@ -178,10 +176,11 @@ def _completion_logprobs(lps, offset: int) -> dict[str, Any]:
 
 @bp.post("/v1/chat/completions")
 async def chat_completions():
-    return await _chat(await json_body(ChatRequest))
+    return await run_chat(await json_body(ChatRequest))
 
 
-async def _chat(req: ChatRequest) -> Response:
+async def run_chat(req: ChatRequest) -> Response:
+    """A validated chat request, answered (streamed or not); also a batch line's path."""
     _refuse_unsupported(req, CHAT_FIELDS)
     try:
         messages = tuple(Message(role=m.role, content=m.text(), name=m.name,
@@ -235,10 +234,10 @@ async def _chat(req: ChatRequest) -> Response:
 
 @bp.post("/v1/completions")
 async def completions():
-    return await _complete(await json_body(CompletionRequest))
+    return await run_completion(await json_body(CompletionRequest))
 
 
-async def _complete(req: CompletionRequest) -> Response:
+async def run_completion(req: CompletionRequest) -> Response:
     _refuse_unsupported(req, COMPLETION_FIELDS)
     gen = Generate(model=req.model, prompt=req.prompt, max_tokens=limit_tokens(req.limit()),
                    stop=tuple(req.stop or ()), sampling=_sampling(req), logprobs=req.logprobs,
@@ -275,10 +274,10 @@ async def _complete(req: CompletionRequest) -> Response:
 # ---------------------------------------------------- one-result requests
 @bp.post("/v1/embeddings")
 async def embeddings():
-    return await _embed(await json_body(EmbeddingRequest))
+    return await run_embedding(await json_body(EmbeddingRequest))
 
 
-async def _embed(req: EmbeddingRequest) -> Response:
+async def run_embedding(req: EmbeddingRequest) -> Response:
     inputs = (req.input,) if isinstance(req.input, str) else tuple(req.input)
     res, call = await result(Embed(model=req.model, inputs=inputs))
     vectors = res["data"]
@@ -299,30 +298,6 @@ async def _embed(req: EmbeddingRequest) -> Response:
     return json_response({"object": "list", "data": data, "model": req.model,
                           "usage": {"prompt_tokens": n, "total_tokens": n}},
                          headers=node_headers(call))
-
-
-# --------------------------------------------------------- batch lines
-ENDPOINTS = {"/v1/chat/completions": (ChatRequest, _chat),
-             "/v1/completions": (CompletionRequest, _complete),
-             "/v1/embeddings": (EmbeddingRequest, _embed)}
-
-
-async def answer(endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    """One request as a batch line runs it (node/batches.py): the same validation and
-    answer as over HTTP, without streaming; (status, JSON body), errors included, in
-    OpenAI's shape. Needs an app context; the caller is `api.common.ON_BEHALF`."""
-    model_cls, run = ENDPOINTS[endpoint]
-    try:
-        req = model_cls.model_validate(body)
-        if getattr(req, "stream", False):
-            raise BadRequest("streaming is not available in a batch", param="stream")
-        resp = await run(req)
-    except ValidationError as exc:
-        err = from_validation(exc)
-        return status_of(err), openai_error(err)
-    except MeshError as exc:
-        return status_of(exc), openai_error(exc)
-    return resp.status_code, json.loads(await resp.get_data())
 
 
 async def _multipart():

@@ -32,7 +32,7 @@ import time
 from typing import Any, AsyncIterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from quart import Blueprint, request
+from quart import Blueprint, Response, request
 
 from api.body import json_body, sse_response
 from api.common import (caller, check_tool_choice, collect, function_tool, json_constraint,
@@ -367,7 +367,11 @@ def _status(finish: str) -> str:
 # ------------------------------------------------------------------- create
 @bp.post("/v1/responses")
 async def create_response():
-    req = await json_body(ResponsesRequest)
+    return await run_response(await json_body(ResponsesRequest))
+
+
+async def run_response(req: ResponsesRequest) -> Response:
+    """A validated Responses request, answered (streamed or not); also a batch line's path."""
     _refuse_unsupported(req)
     if req.input is None or req.input == [] or req.input == "":
         raise BadRequest("you must provide 'input'", param="input",

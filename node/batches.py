@@ -22,7 +22,7 @@ status in the error file with its error body, and a line that never ran (cancell
 expired) in the error file with `error.code` batch_cancelled / batch_expired.
 
 Dispatch. Each line runs through the same code as its HTTP route (`run_line`, which the
-composition root makes from api/openai_routes.py `answer`: validation, the router, a peer
+composition root makes from api/lines.py `answer`: validation, the router, a peer
 or this node's workers), as the key that made the batch and marked background
 (`Generate.background`): a worker admits interactive requests first, and a background
 one never takes a model's last free slot (node/backends/batching.py). How many lines of
@@ -57,7 +57,7 @@ __all__ = ["Batches", "PREFIX", "KIND", "ENDPOINTS"]
 log = logging.getLogger("node.batches")
 
 PREFIX, KIND = "batch_", "batch"
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 WINDOWS = {"24h": 86400}
 RETRIES = 2                 # extra tries of a line that failed with a 502/503/504
 RETRY_STATUSES = (502, 503, 504)

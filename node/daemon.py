@@ -28,7 +28,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from api.app import create_app
 from api.common import BACKGROUND, ON_BEHALF
-from api.openai_routes import answer
+from api.lines import answer
 from gallery.catalog import load_index, resolve
 from gallery.installer import install
 from gallery.store import Store
@@ -121,10 +121,12 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
         nursery = await stack.enter_async_context(trio.open_nursery())
         pool = WorkerPool(config.run_dir, max_queue=config.max_queue)
         await nursery.start(pool.serve)
-        router = Router(local=LocalModels(pool), request_timeout=config.request_timeout)
+        metrics = NodeMetrics(pool)
+        router = Router(local=metrics.local(LocalModels(pool)), request_timeout=config.request_timeout)
         svc = Services(config=config, node_name=config.name, pool=pool, router=router,
-                       store=store, index=index, metrics=NodeMetrics(pool), wanted=wanted,
+                       store=store, index=index, metrics=metrics, wanted=wanted,
                        keyring=KeyRing(config.home))
+        metrics.state = svc.node_state
         pool.on_change = svc.notify_changed
         svc.responses = responses
         svc.jobs = await nursery.start(Jobs(store, peer_fetchers=svc.peer_fetchers,
@@ -146,9 +148,10 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
             svc.keyring.node_id = p2p.peer_id
             svc.p2p = p2p
             router.peers = MeshPeers(p2p.view)
-            router.transport = ProxyClient(p2p)
-            p2p.set_handler(PROXY_PROTOCOL, make_proxy_handler(
-                router, authorize=_authorizer(svc.keyring), max_deadline=config.request_timeout))
+            router.transport = metrics.transport(ProxyClient(p2p))
+            metrics.view = p2p.view
+            p2p.set_handler(PROXY_PROTOCOL, metrics.inbound(make_proxy_handler(
+                router, authorize=_authorizer(svc.keyring), max_deadline=config.request_timeout)))
             if config.offer_memory > 0:
                 svc.rpc = RpcServer(home=config.home, offered=config.offer_memory,
                                     threads=config.rpc_threads, on_change=svc.notify_changed)

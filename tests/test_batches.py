@@ -92,6 +92,20 @@ def test_greedy_lines_answer_as_the_interactive_route_does(client) -> None:
             alone.choices[0].message.content
 
 
+def test_a_responses_batch(client) -> None:
+    data = "".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/responses",
+                               "body": {"model": CHAT, "input": f"Say {i}.", "max_output_tokens": 16,
+                                        "store": False}}) + "\n" for i in range(2))
+    f = client.files.create(file=("r.jsonl", data.encode()), purpose="batch")
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/responses",
+                              completion_window="24h")
+    b = _wait(client, b.id, lambda b: b.status in ("completed", "failed"))
+    assert b.status == "completed" and b.request_counts.completed == 2, b
+    for x in _output(client, b.output_file_id):
+        r = openai.types.responses.Response.model_validate(x["response"]["body"])
+        assert r.object == "response" and r.output_text
+
+
 def test_a_batch_with_three_bad_lines_fails_validation_naming_them(client) -> None:
     bad = {2: "{not json", 5: json.dumps({"custom_id": "req-0", "method": "POST",
                                           "url": "/v1/chat/completions",
@@ -194,7 +208,7 @@ def test_bad_requests_are_400s_naming_the_field(client) -> None:
                               completion_window="24h")
     assert ei.value.body["param"] == "input_file_id"
     with pytest.raises(openai.BadRequestError) as ei:
-        client.batches.create(input_file_id=f.id, endpoint="/v1/moderations",
+        client.batches.create(input_file_id=f.id, endpoint="/v1/moderations",  # type: ignore
                               completion_window="24h")
     assert ei.value.body["param"] == "endpoint"
     with pytest.raises(openai.BadRequestError) as ei:
