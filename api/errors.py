@@ -107,9 +107,14 @@ def render(exc: E.MeshError, dialect: str = "openai") -> dict[str, Any]:
     return RENDER[dialect](exc)
 
 
+RETRY_AFTER_S = 5    # the Retry-After of a 503: the node is busy or restarting a model
+
+
 def error_response(exc: E.MeshError) -> Response:
     from quart import request
-    return json_response(render(exc, dialect_of(request.path)), status=status_of(exc))
+    status = status_of(exc)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return json_response(render(exc, dialect_of(request.path)), status=status, headers=headers)
 
 
 def asgi_error(exc: E.MeshError, path: str = "/") -> tuple[int, bytes]:

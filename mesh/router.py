@@ -42,8 +42,8 @@ from typing import Any, AsyncContextManager, AsyncIterator, Protocol
 import trio
 
 from mesh.errors import RETRYABLE, BadRequest, MeshError, ModelNotFound, PeerSilent, Timeout
-from mesh.wire.inference import (BACKEND_OF, Done, Event, Failed, Heartbeat, Request,
-                                 Result, error_from_failed, failed_from_error)
+from mesh.wire.inference import (BACKEND_OF, Done, Event, Failed, Generate, Heartbeat,
+                                 Request, Result, error_from_failed, failed_from_error)
 
 log = logging.getLogger("mesh.router")
 
@@ -51,6 +51,9 @@ __all__ = ["LocalModel", "LocalBackend", "PeerCandidate", "PeerDirectory", "Peer
            "Target", "Router", "Call"]
 
 DEFAULT_TIMEOUT = 600.0
+DEFAULT_QUEUE_TIMEOUT = 30.0   # s an interactive generation may wait for a slot (llama-server
+                               # queues without bound, Ollama answers 503 once its queue is
+                               # full; a bound in time tells the client when to come back)
 
 
 class LocalModel(Protocol):
@@ -164,6 +167,7 @@ class Router:
     peers: PeerDirectory | None = None
     transport: PeerTransport | None = None
     request_timeout: float = DEFAULT_TIMEOUT
+    queue_timeout: float | None = DEFAULT_QUEUE_TIMEOUT   # Generate.max_wait (interactive)
     in_flight_to: dict[str, int] = field(default_factory=dict)
     silent_since: dict[str, float] = field(default_factory=dict)
 
@@ -233,6 +237,9 @@ class Router:
         Raises the MeshError of the last candidate when none could start it."""
         if deadline is None:
             deadline = trio.current_time() + self.request_timeout
+        if (isinstance(request, Generate) and request.max_wait is None
+                and not request.background and self.queue_timeout):
+            request = request.model_copy(update={"max_wait": self.queue_timeout})
         targets = self.plan(request.model, proxied=proxied, kind=request.kind)
         last: MeshError | None = None
         for i, target in enumerate(targets):

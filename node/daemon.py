@@ -122,7 +122,8 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
         pool = WorkerPool(config.run_dir, max_queue=config.max_queue)
         await nursery.start(pool.serve)
         metrics = NodeMetrics(pool)
-        router = Router(local=metrics.local(LocalModels(pool)), request_timeout=config.request_timeout)
+        router = Router(local=metrics.local(LocalModels(pool)), request_timeout=config.request_timeout,
+                        queue_timeout=config.queue_timeout or None)
         svc = Services(config=config, node_name=config.name, pool=pool, router=router,
                        store=store, index=index, metrics=metrics, wanted=wanted,
                        keyring=KeyRing(config.home))

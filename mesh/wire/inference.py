@@ -125,6 +125,10 @@ class Generate(_Wire):
     # bulk work (a batch line): the worker admits interactive requests first, and never
     # gives background work a model's last free slot (node/backends/batching.py)
     background: bool = False
+    # seconds it may wait for a free slot; past that the worker answers Failed(Unavailable,
+    # code queue_timeout) and the router tries another node or the client gets a 503
+    # with Retry-After (set by the router: node config queue_timeout; None: no bound)
+    max_wait: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _one_input(self) -> "Generate":

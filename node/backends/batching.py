@@ -17,7 +17,9 @@ new request prefers a slot that keeps the busy slots contiguous (below).
 
 A step. The scheduler thread loops:
   1. reap: a request whose cancel event is set leaves (finish_reason "cancelled"), queued
-     or running; its slot is free for this very step;
+     or running; its slot is free for this very step. A queued request older than its
+     `max_wait` (Generate.max_wait, 30 s by default) leaves with Failed(Unavailable,
+     queue_timeout): the router tries another node, or the client gets a 503;
   2. admit: queued requests take free slots (see prompt cache): interactive ones first
      come first served, then background ones (batch lines, Generate.background), which
      never take the last free slot, so an interactive request arriving during a batch
@@ -249,6 +251,7 @@ class Job:
     tools: tuple[Any, ...] = ()    # the declared functions (for tools.recover)
     children: list["Job"] = field(default_factory=list)   # choices 1..n-1 (n > 1)
     background: bool = False       # a batch line: after interactive jobs, never the last slot
+    max_wait: float | None = None  # s it may wait queued (Generate.max_wait)
 
     @property
     def argmax(self) -> bool:
@@ -427,15 +430,29 @@ class BatchScheduler:
         for s in self.slots:
             if s.job is not None and s.job.cancel.is_set():
                 self._finish(s, "cancelled")
+        now = time.perf_counter()
         with self._cv:
             gone = [j for j in self._queue if j.cancel.is_set()]
-            for j in gone:
+            late = [j for j in self._queue if not j.cancel.is_set()
+                    and j.max_wait is not None and now - j.t_submit > j.max_wait]
+            for j in gone + late:
                 self._queue.remove(j)
+        for j in late:
+            self._free_grammars(j)
+            self._send(j, Failed(error="Unavailable", code="queue_timeout", message=(
+                f"no slot of this model was free within {j.max_wait:g} s "
+                f"({len(self._queue)} more queued); try again later")))
         for j in (j for g in gone for j in (g, *g.children)):
             if j.grammar is not None:          # never made it into a chain
                 llama_cpp.llama_sampler_free(j.grammar)
                 j.grammar = None
             self._send(j, Done(finish_reason="cancelled", usage=_usage(len(j.prompt), 0, 0)))
+
+    def _free_grammars(self, job: Job) -> None:
+        for j in (job, *job.children):
+            if j.grammar is not None:          # never made it into a chain
+                llama_cpp.llama_sampler_free(j.grammar)
+                j.grammar = None
 
     def _admit(self) -> None:
         while True:

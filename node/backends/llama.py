@@ -151,7 +151,7 @@ class LlamaBackend:
                        cancel=cancel, grammar=self._grammar(req), n_logprobs=req.logprobs,
                        tool_mode=tools.forced(req),
                        watch=tools.Watch() if tools.auto(req) else None, tools=req.tools,
-                       background=req.background)
+                       background=req.background, max_wait=req.max_wait)
 
         job = choice(0)
         job.children = [choice(i) for i in range(1, req.n)]
