@@ -53,6 +53,6 @@ def create_app(services) -> QuartTrio:
 
     app.asgi_app = DrainUnreadBody(
         AuthMiddleware(app.asgi_app, services.keyring,
-                       max_concurrent_per_key=services.config.max_concurrent_per_key),
+                       in_flight=services.in_flight),
         limit=services.config.max_body_bytes)
     return app

@@ -3,12 +3,14 @@
 Policy (docs/architecture.md, "Security"):
 - No live key in the mesh: the node is open, except key management, which is then
   accepted only from loopback (the owner makes the first, admin, key on the machine).
-- Otherwise every route but /health, /readyz and /openapi.json needs
+- Otherwise every route but /health, /readyz, /openapi.json and the dashboard's page and
+  static files (`/`, `/ui/...`: no data in them; every call they make is checked) needs
   `Authorization: Bearer mk-...` (or `x-api-key: mk-...`, as the Anthropic SDK sends
   it): 401 when missing, unknown or revoked; 403 when the key lacks the route's feature
   (the error body in the route's dialect, api/errors.py). Failed attempts are counted
   per client address: more than FAILS_PER_WINDOW in FAIL_WINDOW seconds -> 429 until the
   window passes.
+- While the mesh has no key, every response carries `x-mesh-open` saying so.
 - Concurrent requests per key are capped (`max_concurrent_per_key`), streams included
   (the middleware sees the whole response, which a Quart hook would not).
 - The caller's identity and features go into `scope.extensions["mesh.caller"]`; the
@@ -20,14 +22,16 @@ Policy (docs/architecture.md, "Security"):
 from __future__ import annotations
 
 import time
-from collections import defaultdict, deque
+from collections import deque
 
 from api.errors import asgi_error
+from mesh.keys import InFlight
 from mesh.errors import AuthError, MeshError, PermissionDenied, RateLimited
 
 FAIL_WINDOW = 60.0
 FAILS_PER_WINDOW = 10
-OPEN_PATHS = {"/health", "/readyz", "/openapi.json"}
+OPEN_PATHS = {"/health", "/readyz", "/openapi.json", "/"}   # "/": the dashboard page, no data
+OPEN_PREFIXES = ("/ui/",)     # the dashboard's static files (api/dashboard_routes.py)
 # The feature each route needs (longest prefix first where they overlap). The dialects map
 # onto the same features: a key that may chat may chat in any dialect.
 _FEATURES = (("/v1/chat/", "chat"), ("/v1/responses", "chat"), ("/v1/messages", "chat"),
@@ -36,6 +40,7 @@ _FEATURES = (("/v1/chat/", "chat"), ("/v1/responses", "chat"), ("/v1/messages", 
              ("/detokenize", "completions"), ("/v1/embeddings", "embeddings"),
              ("/api/embed", "embeddings"), ("/v1/audio/", "audio"), ("/v1/models", "models"),
              ("/v1/files", "batch"), ("/v1/batches", "batch"),
+             ("/v1/agents", "agents"),
              ("/api/tags", "models"), ("/api/ps", "models"), ("/api/show", "models"),
              ("/api/version", "models"), ("/api/", "admin"),   # pull, delete, copy, create
              ("/mesh/", "admin"), ("/metrics", "admin"))
@@ -53,12 +58,24 @@ def _error(cls: type[MeshError], message: str, code: str, path: str = "/"):
     return asgi_error(cls(message, code=code), path)
 
 
+OPEN_HEADER = (b"x-mesh-open",
+               b"no API key: anyone who can reach this mesh may use it (mesh keys create)")
+
+
+def _warn_open(send):
+    """Every response of an open mesh says so (`x-mesh-open`)."""
+    async def wrapped(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), OPEN_HEADER]}
+        await send(message)
+    return wrapped
+
+
 class AuthMiddleware:
-    def __init__(self, app, keyring, *, max_concurrent_per_key: int = 0) -> None:
+    def __init__(self, app, keyring, *, in_flight: InFlight | None = None) -> None:
         self.app = app
         self.keyring = keyring
-        self.max_concurrent = max_concurrent_per_key
-        self.active: dict[str, int] = defaultdict(int)
+        self.in_flight = in_flight or InFlight()
         self.fails: dict[str, deque] = {}
 
     async def __call__(self, scope, receive, send):
@@ -77,18 +94,17 @@ class AuthMiddleware:
             return
         caller = (scope.get("extensions") or {}).get("mesh.caller")
         key_id = caller.get("key_id") if caller else None
+        if not self.keyring.enforcing:
+            send = _warn_open(send)
         if key_id is None:
             return await self.app(scope, receive, send)
-        self.active[key_id] += 1
-        try:
+        with self.in_flight.hold(key_id):
             await self.app(scope, receive, send)
-        finally:
-            self.active[key_id] -= 1
 
     def _check(self, scope):
         path = scope.get("path", "/")
         ext = scope.setdefault("extensions", {})
-        if path in OPEN_PATHS:
+        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             return None
         client = (scope.get("client") or ("", 0))[0]
         if not self.keyring.enforcing:
@@ -125,9 +141,9 @@ class AuthMiddleware:
         denied = self._feature(rec.features, path)
         if denied is not None:
             return denied
-        if self.max_concurrent and self.active[rec.key_id] >= self.max_concurrent:
-            return _error(RateLimited, f"key {rec.name!r} already has {self.max_concurrent} requests "
-                               "in progress", "concurrency_limit", path)
+        if self.in_flight.full(rec.key_id):
+            return _error(RateLimited, f"key {rec.name!r} already has {self.in_flight.cap} "
+                          "requests in progress", "concurrency_limit", path)
         ext["mesh.caller"] = {"name": rec.name, "key_id": rec.key_id,
                               "features": list(rec.features)}
         return None

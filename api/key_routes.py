@@ -1,10 +1,11 @@
-"""Key management: `GET/POST /mesh/keys`, `DELETE /mesh/keys/<name>` (api/auth.py guards it)."""
+"""Key management: `GET/POST /mesh/keys`, `DELETE /mesh/keys/<name>[?force=true]`
+(api/auth.py guards it; the last live key is only revoked with force)."""
 
 from __future__ import annotations
 
 
 from pydantic import BaseModel, ConfigDict
-from quart import Blueprint, current_app
+from quart import Blueprint, current_app, request
 
 from api.body import json_body
 from api.errors import json_response
@@ -39,6 +40,7 @@ async def create_key():
 @bp.delete("/mesh/keys/<name>")
 async def revoke_key(name: str):
     svc = _services()
-    revoked = svc.keyring.revoke(name)
+    force = request.args.get("force", "false").lower() in ("1", "true", "yes")
+    revoked = svc.keyring.revoke(name, force=force)
     svc.notify_changed()
     return json_response({"object": "list", "data": [r.public() for r in revoked]})

@@ -20,6 +20,7 @@ live key, the node is open (key management then only from loopback).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -27,13 +28,14 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Iterable
+from collections import defaultdict
+from typing import Iterable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from mesh.errors import BadRequest, Conflict, NotFound
 
-FEATURES = ("chat", "completions", "embeddings", "audio", "models", "batch", "admin")
+FEATURES = ("chat", "completions", "embeddings", "audio", "models", "batch", "agents", "admin")
 FILE = "keys.json"
 
 
@@ -152,11 +154,17 @@ class KeyRing:
         self._changed()
         return rec, f"mk-{key_id}-{secret}"
 
-    def revoke(self, name: str) -> list[KeyRecord]:
+    def revoke(self, name: str, *, force: bool = False) -> list[KeyRecord]:
+        """Revoke a key mesh-wide. Revoking the last live key would silently reopen the
+        mesh to anyone: refused (Conflict, last_key) unless `force`."""
         targets = [r for r in self.live() if r.name == name or r.key_id == name]
         if not targets:
             raise NotFound(f"no live key named {name!r}", code="key_not_found")
         left = [r for r in self.live() if r not in targets]
+        if not left and not force:
+            raise Conflict(f"{name!r} is the mesh's last live key: revoking it opens the mesh "
+                           "to anyone who can reach a node; pass force to do it anyway",
+                           code="last_key")
         if left and not any("admin" in r.features for r in left):
             raise Conflict(f"revoking {name!r} would leave the mesh with keys but no admin key; "
                            "create another admin key first", code="last_admin_key")
@@ -196,3 +204,29 @@ class KeyRing:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+
+class InFlight:
+    """Requests in progress per API key on this node, whether they came over HTTP
+    (api/auth.py) or from a peer (mesh/proxy.py): the per-key concurrency cap holds on the
+    node that serves, not only on the node a client talks to. cap 0: no cap."""
+
+    def __init__(self, cap: int = 0) -> None:
+        self.cap = cap
+        self.active: dict[str, int] = defaultdict(int)
+
+    def full(self, key_id: str | None) -> bool:
+        return bool(self.cap and key_id) and self.active[key_id] >= self.cap
+
+    @contextlib.contextmanager
+    def hold(self, key_id: str | None) -> Iterator[None]:
+        if key_id is None:
+            yield
+            return
+        self.active[key_id] += 1
+        try:
+            yield
+        finally:
+            self.active[key_id] -= 1
+            if not self.active[key_id]:
+                del self.active[key_id]

@@ -37,7 +37,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
 
-from mesh.errors import BadMessage, MeshError, PeerError, PeerSilent
+from mesh.errors import BadMessage, MeshError, PeerError, PeerSilent, RateLimited
+from mesh.keys import InFlight
 from mesh.wire.framing import FrameError, FrameReader, pack
 from mesh.wire.inference import (TERMINAL, VERSION, Event, Heartbeat, Request,
                                  decode_event, decode_request, encode_event, encode_request,
@@ -137,8 +138,11 @@ async def _quiet(close: Callable[[], Awaitable[None]]) -> None:
 Authorize = Callable[[dict[str, Any] | None, Request], None]
 
 
-def make_handler(router, *, authorize: Authorize, max_deadline: float):
-    """The `/mesh/openai/2` handler: serve a peer's typed request with our own router."""
+def make_handler(router, *, authorize: Authorize, max_deadline: float,
+                 in_flight: InFlight | None = None):
+    """The `/mesh/openai/2` handler: serve a peer's typed request with our own router.
+    `in_flight` is the node's per-key cap (the same one its HTTP API counts against)."""
+    in_flight = in_flight or InFlight()
 
     async def handle(stream, peer_id: str) -> None:
         reader = FrameReader(stream)
@@ -153,9 +157,23 @@ def make_handler(router, *, authorize: Authorize, max_deadline: float):
                      (head or {}).get("v"))
             await _quiet(stream.reset)
             return
-        await _serve(stream, router, authorize, head, max_deadline)
+        caller = head.get("caller")
+        key_id = caller.get("key_id") if isinstance(caller, dict) else None
+        if in_flight.full(key_id):
+            await _refuse(stream, RateLimited(
+                f"this API key already has {in_flight.cap} requests in progress on the "
+                "serving node", code="concurrency_limit"))
+            return
+        with in_flight.hold(key_id):
+            await _serve(stream, router, authorize, head, max_deadline)
 
     return handle
+
+
+async def _refuse(stream, exc: MeshError) -> None:
+    with contextlib.suppress(MeshError, OSError):
+        await stream.write(pack({"event": encode_event(failed_from_error(exc))}))
+        await stream.close()
 
 
 async def _serve(stream, router, authorize: Authorize, head: dict[str, Any],

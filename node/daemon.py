@@ -35,7 +35,7 @@ from gallery.store import Store
 from mesh.errors import AuthError, MeshError, PermissionDenied
 from mesh.files import PEER_SETTLE_S
 from mesh.files import PROTOCOL as FILES_PROTOCOL, make_handler as make_files_handler
-from mesh.keys import KeyRing
+from mesh.keys import InFlight, KeyRing
 from mesh.p2p import open_p2p
 from mesh.peers import MeshPeers
 from mesh.proxy import PROTOCOL as PROXY_PROTOCOL, ProxyClient, make_handler as make_proxy_handler
@@ -126,7 +126,8 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
                         queue_timeout=config.queue_timeout or None)
         svc = Services(config=config, node_name=config.name, pool=pool, router=router,
                        store=store, index=index, metrics=metrics, wanted=wanted,
-                       keyring=KeyRing(config.home))
+                       keyring=KeyRing(config.home),
+                       in_flight=InFlight(config.max_concurrent_per_key))
         metrics.state = svc.node_state
         pool.on_change = svc.notify_changed
         svc.responses = responses
@@ -152,7 +153,8 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
             router.transport = metrics.transport(ProxyClient(p2p))
             metrics.view = p2p.view
             p2p.set_handler(PROXY_PROTOCOL, metrics.inbound(make_proxy_handler(
-                router, authorize=_authorizer(svc.keyring), max_deadline=config.request_timeout)))
+                router, authorize=_authorizer(svc.keyring), max_deadline=config.request_timeout,
+                in_flight=svc.in_flight)))
             if config.offer_memory > 0:
                 svc.rpc = RpcServer(home=config.home, offered=config.offer_memory,
                                     threads=config.rpc_threads, on_change=svc.notify_changed)

@@ -48,6 +48,7 @@ class Services:
     files: Any = None        # node/uploads.py: /v1/files
     batches: Any = None      # node/batches.py: /v1/batches
     keyring: Any = None
+    in_flight: Any = None    # mesh/keys.py InFlight: the per-key cap, HTTP and proxied
     api_url: str = ""
     p2p: Any = None
     rpc: Any = None          # node/rpc_server.py: the RPC server this node lends (offer_memory)

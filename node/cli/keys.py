@@ -58,10 +58,13 @@ def list_(url, key, as_json) -> None:
 
 @keys.command()
 @click.argument("name")
+@click.option("--force", is_flag=True,
+              help="Revoke even the last live key (the mesh is then open to anyone).")
 @node_options
-def revoke(name, url, key, as_json) -> None:
+def revoke(name, force, url, key, as_json) -> None:
     """Revoke a key mesh-wide."""
-    out = request("DELETE", url, f"/mesh/keys/{name}", key=key)
+    out = request("DELETE", url, f"/mesh/keys/{name}", key=key,
+                  params={"force": "true"} if force else None)
     if as_json:
         print_json(out)
     else:
