@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from api.anthropic_routes import MessagesPrompt, MessagesRequest
 from api.auth import OPEN_PATHS, feature_for
+from api.batch_routes import BatchCreate
 from api.key_routes import KeyCreate
 from api.model_routes import ModelAction
 from api.ollama_routes import (ChatBody, DeleteBody, EmbedBody, EmbeddingsBody, GenerateBody,
@@ -23,6 +24,7 @@ from api.ollama_routes import (ChatBody, DeleteBody, EmbedBody, EmbeddingsBody, 
 from api.responses_routes import ResponsesRequest
 from api.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, TranscriptionForm
 from api.speech_routes import SpeechRequest
+from api.tokenize_routes import DetokenizeBody, TokenizeBody
 
 ERROR_SCHEMA = {
     "type": "object", "required": ["error"],
@@ -49,6 +51,17 @@ DOCS: dict[str, tuple[str, type[BaseModel] | None]] = {
     "responses.get_response": ("A stored response, from whichever node stored it", None),
     "responses.delete_response": ("Delete a stored response", None),
     "responses.input_items": ("A stored response's input items, paginated", None),
+    "tokenize.tokenize": ("llama-server: a text's (or chat prompt's) token ids", TokenizeBody),
+    "tokenize.detokenize": ("llama-server: token ids back to text", DetokenizeBody),
+    "batch.upload": ("Upload a file (multipart: the file and its purpose)", None),
+    "batch.list_files": ("The files this node holds that the key may see", None),
+    "batch.get_file": ("A file's object, from whichever node holds it", None),
+    "batch.file_content": ("A file's bytes", None),
+    "batch.delete_file": ("Delete a file", None),
+    "batch.create_batch": ("Create a batch from an uploaded JSONL file", BatchCreate),
+    "batch.list_batches": ("This node's batches, newest first", None),
+    "batch.get_batch": ("A batch, from whichever node runs it", None),
+    "batch.cancel_batch": ("Cancel a batch (finished lines are kept)", None),
     "mesh.health": ("Liveness", None),
     "mesh.readyz": ("Readiness: 503 until the node's models are loaded", None),
     "mesh.status": ("This node and every node of the mesh", None),

@@ -40,7 +40,7 @@ import traceback
 from typing import Any
 
 from mesh.errors import BadRequest, MeshError
-from mesh.wire.framing import SyncFramer
+from mesh.wire.framing import FrameError, SyncFramer
 from mesh.wire.inference import (TERMINAL, Done, Failed, Result, decode_request, encode_event,
                                  failed_from_error)
 
@@ -87,7 +87,10 @@ class WorkerServer:
             threading.Thread(target=self._drain, args=(kind, q), daemon=True,
                              name=f"worker-{kind}").start()
         while True:
-            msg = self.framer.recv()
+            try:
+                msg = self.framer.recv()
+            except (OSError, FrameError):   # the parent went away (reset, cut frame)
+                return
             if msg is None or msg.get("op") == "unload":
                 return
             op, rid = msg.get("op"), msg.get("id")

@@ -255,6 +255,8 @@ class LlamaBackend:
                     pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, verbose=False,
                     n_gpu_layers=int(self.config.get("gpu_layers", -1)))
             for i, text in enumerate(inputs):
+                if not text:         # llama.cpp fails the decode of an empty sequence
+                    raise RequestError(f"input[{i}] is empty", param="input")
                 n = len(self._emb.tokenize(text.encode("utf-8"), add_bos=True, special=True))
                 if n > self.n_ctx:
                     raise RequestError(
