@@ -11,6 +11,7 @@ from __future__ import annotations
 from quart_trio import QuartTrio
 
 from api import errors
+from api.agent_routes import bp as agents_bp
 from api.anthropic_routes import bp as anthropic_bp
 from api.auth import AuthMiddleware
 from api.batch_routes import bp as batch_bp
@@ -39,6 +40,7 @@ def create_app(services) -> QuartTrio:
     app.register_blueprint(speech_bp)
     app.register_blueprint(tokenize_bp)
     app.register_blueprint(batch_bp)
+    app.register_blueprint(agents_bp)
     app.register_blueprint(mesh_bp)
     app.register_blueprint(models_bp)
     app.register_blueprint(keys_bp)

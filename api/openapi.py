@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from api.agent_routes import RunCreate
 from api.anthropic_routes import MessagesPrompt, MessagesRequest
 from api.auth import OPEN_PATHS, feature_for
 from api.batch_routes import BatchCreate
@@ -62,6 +63,17 @@ DOCS: dict[str, tuple[str, type[BaseModel] | None]] = {
     "batch.list_batches": ("This node's batches, newest first", None),
     "batch.get_batch": ("A batch, from whichever node runs it", None),
     "batch.cancel_batch": ("Cancel a batch (finished lines are kept)", None),
+    "agents.list_agents": ("The agents this key sees", None),
+    "agents.create_agent": ("Create an agent (its definition: docs/agents.md)", None),
+    "agents.get_agent": ("One agent: definition, where it can run, its next ticks", None),
+    "agents.replace_agent": ("Replace an agent's definition (a new revision, mesh-wide)", None),
+    "agents.delete_agent": ("Delete an agent mesh-wide", None),
+    "agents.start_run": ("Run an agent now on this node (webhook); stream: SSE of its steps",
+                         RunCreate),
+    "agents.list_runs": ("An agent's runs on every node, newest first", None),
+    "agents.get_run": ("One run, from the node that holds it", None),
+    "agents.run_steps": ("A run's steps: model calls, tool calls and results", None),
+    "agents.run_events": ("A run's steps as server-sent events while it runs", None),
     "mesh.health": ("Liveness", None),
     "mesh.readyz": ("Readiness: 503 until the node's models are loaded", None),
     "mesh.status": ("This node and every node of the mesh", None),

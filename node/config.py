@@ -25,6 +25,9 @@
 | response_retention_days |            | MESH_RESPONSE_RETENTION_DAYS | 30: stored Responses API objects kept, then deleted |
 | batch_max_active |                  | MESH_BATCH_MAX_ACTIVE | 4 batches in progress per API key (0 = no cap) |
 | batch_max_lines  |                  | MESH_BATCH_MAX_LINES | 50,000 lines per batch (OpenAI's limit) |
+| mcp_servers      |                  | MESH_MCP_SERVERS (JSON) | none: MCP servers agents may start here, {name: {command, args, env, cwd}} (docs/agents.md) |
+| agent_read_dirs  |                  | MESH_AGENT_READ_DIRS (comma) | none: folders agents' read_file may be allowed within |
+| agent_http_prefixes |               | MESH_AGENT_HTTP_PREFIXES (comma) | none: URL prefixes agents' http_get may be allowed within |
 
 Uploaded files (`/v1/files`) are capped by max_body_mb, like every request body.
 
@@ -33,6 +36,7 @@ Uploaded files (`/v1/files`) are capped by max_body_mb, like every request body.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -40,11 +44,20 @@ from typing import Any
 
 import platformdirs
 import yaml
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mesh.errors import BadRequest
 
 DEFAULT_MODELS = ["smollm2-135m-instruct", "whisper-tiny.en"]
+
+
+class McpServer(BaseModel):
+    """An MCP server agents may start on this node (over stdio), by name."""
+    model_config = ConfigDict(extra="forbid")
+    command: str = Field(min_length=1)
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
 
 
 class NodeConfig(BaseModel):
@@ -71,6 +84,43 @@ class NodeConfig(BaseModel):
     response_retention_days: float = Field(30, gt=0)
     batch_max_active: int = Field(4, ge=0)
     batch_max_lines: int = Field(50_000, ge=1)
+    mcp_servers: dict[str, McpServer] = Field(default_factory=dict)
+    agent_read_dirs: list[str] = Field(default_factory=list)
+    agent_http_prefixes: list[str] = Field(default_factory=list)
+
+    @field_validator("mcp_servers", mode="before")
+    @classmethod
+    def _json(cls, v: Any) -> Any:
+        """MESH_MCP_SERVERS holds JSON; config.yaml a mapping."""
+        if isinstance(v, str):
+            try:
+                return json.loads(v)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not JSON: {exc}") from exc
+        return v
+
+    @field_validator("agent_read_dirs", "agent_http_prefixes", mode="before")
+    @classmethod
+    def _comma(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [x.strip() for x in v.split(",") if x.strip()]
+        return v
+
+    @field_validator("agent_read_dirs")
+    @classmethod
+    def _absolute(cls, v: list[str]) -> list[str]:
+        for d in v:
+            if not Path(d).is_absolute():
+                raise ValueError(f"{d!r} is not an absolute folder")
+        return v
+
+    @field_validator("agent_http_prefixes")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not p.startswith(("http://", "https://")):
+                raise ValueError(f"{p!r} is not an http(s) URL prefix")
+        return v
 
     @field_validator("offer_memory", mode="before")
     @classmethod
@@ -120,6 +170,8 @@ _ENV = {
     "gallery": "MESH_GALLERY", "offer_memory": "MESH_OFFER_MEMORY", "rpc_threads": "MESH_RPC_THREADS",
     "response_retention_days": "MESH_RESPONSE_RETENTION_DAYS",
     "batch_max_active": "MESH_BATCH_MAX_ACTIVE", "batch_max_lines": "MESH_BATCH_MAX_LINES",
+    "mcp_servers": "MESH_MCP_SERVERS", "agent_read_dirs": "MESH_AGENT_READ_DIRS",
+    "agent_http_prefixes": "MESH_AGENT_HTTP_PREFIXES",
 }
 
 

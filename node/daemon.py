@@ -45,6 +45,7 @@ from mesh.router import Router
 from mesh.token import parse_token
 from mesh.tunnel import PROTOCOL as RPC_PROTOCOL, make_handler as make_rpc_handler
 from mesh.wire.inference import feature_of
+from node.agents import Agents, AgentStore, NodeTools
 from node.batches import KIND as BATCH_KIND, Batches
 from node.config import NodeConfig
 from node.jobs import Jobs
@@ -116,8 +117,10 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
 
     responses = ResponseStore(config.home / "responses.db",
                               retention_days=config.response_retention_days)
+    agent_store = AgentStore(config.home / "agents.db")
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(responses.close)      # after the nursery: requests in grace still store
+        stack.callback(agent_store.close)    # after the nursery: runs record how they ended
         nursery = await stack.enter_async_context(trio.open_nursery())
         pool = WorkerPool(config.run_dir, max_queue=config.max_queue)
         await nursery.start(pool.serve)
@@ -140,13 +143,14 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
         stack.callback(svc.files.close)
         svc.batches = _batches(svc, app, config)
         stack.callback(svc.batches.close)
+        svc.agents = _agents(svc, config, agent_store)
 
         shutdown = trio.Event()
         if token is not None:
             p2p = await stack.enter_async_context(open_p2p(
                 home=config.home, token=token, name=config.name, listen_host=config.host,
                 p2p_port=config.p2p_port, peers=config.peers, mdns=config.mdns,
-                state=svc.node_state))
+                state=lambda: _gossiped(svc)))
             svc.keyring.node_id = p2p.peer_id
             svc.p2p = p2p
             router.peers = MeshPeers(p2p.view)
@@ -167,9 +171,11 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
             responses.join(p2p.peer_id, RecordClient(p2p))
             svc.files.join(p2p.peer_id, RecordClient(p2p))
             svc.batches.join(p2p.peer_id, RecordClient(p2p))
+            svc.agents.join(p2p)
             p2p.set_handler(RECORDS_PROTOCOL, make_records_handler({
                 RESPONSE_KIND: responses, FILE_KIND: svc.files,
-                FILE_CONTENT_KIND: FileStore.Content(svc.files), BATCH_KIND: svc.batches}))
+                FILE_CONTENT_KIND: FileStore.Content(svc.files), BATCH_KIND: svc.batches,
+                **svc.agents.record_sources()}))
             nursery.start_soon(_merge_gossiped_keys, svc)
             for addr in p2p.addrs:
                 say(f"p2p {addr}")
@@ -189,6 +195,7 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
             log.warning(OPEN_WARNING, config.host)
         nursery.start_soon(_install_and_load, svc, wanted)
         await nursery.start(svc.batches.serve)
+        await nursery.start(svc.agents.serve)
         task_status.started(svc)
 
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -224,6 +231,23 @@ def _batches(svc: Services, app, config: NodeConfig) -> Batches:
                    capacity=router.capacity, check_model=check_model, authorized=authorized,
                    max_active_per_key=config.batch_max_active,
                    max_lines=config.batch_max_lines)
+
+
+def _agents(svc: Services, config: NodeConfig, store: AgentStore) -> Agents:
+    """Agents (node/agents): their model calls go through the router as the agent's key;
+    what they may use on this node is the node's own configuration."""
+    tools = NodeTools(mcp_servers=dict(config.mcp_servers),
+                      read_dirs=tuple(os.path.realpath(d) for d in config.agent_read_dirs),
+                      http_prefixes=tuple(config.agent_http_prefixes))
+    return Agents(store, router=svc.router, keyring=svc.keyring, node_name=config.name,
+                  tools=tools, token_cap=config.max_tokens_limit,
+                  notify_changed=svc.notify_changed)
+
+
+def _gossiped(svc: Services):
+    """What this node gossips: its NodeState, plus the agents' entry of `extra`."""
+    state = svc.node_state()
+    return state.model_copy(update={"extra": {**state.extra, **svc.agents.gossip()}})
 
 
 def _authorizer(keyring: KeyRing):

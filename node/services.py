@@ -55,6 +55,7 @@ class Services:
     splits: Any = None       # node/splits.py: models split over peers
     responses: Any = None    # node/responses.py: stored Responses API objects, mesh-wide
     keepalive: Any = None    # node/keepalive.py: on-demand loads and idle unloads (Ollama)
+    agents: Any = None       # node/agents: agent definitions, runs and schedules
     wanted: list[str] = field(default_factory=list)     # model ids this node serves
     startup_error: str | None = None
     started: float = field(default_factory=time.time)

@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from node.cli import agents as _agents
 from node.cli import batches as _batches
 from node.cli import keys as _keys
 from node.cli import models as _models
@@ -29,6 +30,7 @@ for command in (_up.up, _status.status, _token.token, _models.gallery, _models.i
                 _models.models, _models.load, _models.unload, _models.remove, _keys.keys,
                 _batches.batches):
     cli.add_command(command)
+cli.add_command(_agents.agents)
 
 
 def main() -> None:
