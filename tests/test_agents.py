@@ -26,16 +26,18 @@ SMOL = "smollm2-135m-instruct"
 MOTD = "The message of the day: tulips bloom at noon."
 
 
-def eventually(fn, timeout=60.0, interval=0.2):
-    """fn() until it returns a truthy value (as a user polls an API); its last value."""
+def until(fn, ok=bool, timeout=60.0, interval=0.2):
+    """fn() until ok(its value), as a user polls an API; the value, None at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             value = fn()
+            if ok(value):
+                return value
         except (httpx.HTTPError, AssertionError, KeyError):
-            value = None
-        if value or time.monotonic() > deadline:
-            return value
+            pass
+        if time.monotonic() > deadline:
+            return None
         time.sleep(interval)
 
 
@@ -104,7 +106,7 @@ def mesh(tmp_path_factory, site):
     for n in nodes.values():
         n.wait_ready()
     for n in nodes.values():
-        assert eventually(lambda n=n: {x["name"] for x in httpx.get(
+        assert until(lambda n=n: {x["name"] for x in httpx.get(
             n.api + "/mesh/status", timeout=5).json()["nodes"] if x["state"] == "alive"}
             == {"a", "b", "c"}), n.log_tail()
     nodes["tmp"] = tmp
@@ -133,7 +135,7 @@ def create(node, spec, tmp: Path) -> dict:
 
 def replicated(mesh, name):
     for n in ("a", "b", "c"):
-        assert eventually(lambda n=n: api(mesh[n], "GET", f"/agents/{name}").status_code == 200)
+        assert until(lambda n=n: api(mesh[n], "GET", f"/agents/{name}").status_code == 200)
 
 
 WEATHER = {"name": "weather", "model": QWEN, "temperature": 0, "tool_choice": "required",
@@ -265,13 +267,12 @@ def test_a_job_runs_once_per_tick_across_three_nodes_and_survives_kill_9(mesh):
     assert r.status_code == 201, r.text
     replicated(mesh, "ticker")
     # where the next ticks go, once every node has said from when it takes them
-    plan = eventually(lambda: (lambda nxt: nxt if len(nxt[-1]["nodes"]) == 3 else None)(
-        api(a, "GET", "/agents/ticker").json()["next_runs"]))
+    plan = until(lambda: api(a, "GET", "/agents/ticker").json()["next_runs"],
+                 lambda nxt: len(nxt[-1]["nodes"]) == 3)
     assert plan, api(a, "GET", "/agents/ticker").json()
     first = {round(n["at"], 3): n["nodes"][0] for n in plan if len(n["nodes"]) == 3}
 
-    done = eventually(lambda: (lambda got: got if len(got) >= 5 else None)(
-        [x for x in ticks(a) if x["ended_at"]]), timeout=90)
+    done = until(lambda: [x for x in ticks(a) if x["ended_at"]], lambda got: len(got) >= 5, 90)
     assert done, ticks(a)
     consecutive(done)
     for x in done:
@@ -280,21 +281,27 @@ def test_a_job_runs_once_per_tick_across_three_nodes_and_survives_kill_9(mesh):
             assert x["node"] == first[round(x["scheduled_at"], 3)], (x, plan)
     assert {round(x["scheduled_at"], 3) for x in done} & set(first)    # some were planned
 
-    # the next tick b or c ranks first for: kill that node once the tick before it is over
+    # the next tick b or c ranks first for: kill that node once the tick before it is
+    # over and every other node has seen it done (a result never heard is run again)
     def victim():
         for n in api(a, "GET", "/agents/ticker").json()["next_runs"]:
             if n["nodes"][0] in ("b", "c") and len(n["nodes"]) == 3 and n["at"] - time.time() > 1:
                 return n
-    target = eventually(victim, timeout=30)
+    target = until(victim, timeout=30)
     assert target
-    assert eventually(lambda: (lambda runs: all(x["ended_at"] for x in runs) and any(
-        x["ended_at"] for x in at(runs, target["at"] - 2)))(ticks(a)), timeout=30)
-    assert time.time() < target["at"] - 0.2, "too slow to kill before the tick"
     name = target["nodes"][0]
+    others = [mesh[n] for n in ("a", "b", "c") if n != name]
+    for n in others:
+        assert until(lambda n=n: api(n, "GET", "/agents/ticker").json()["recent_ticks"],
+                     lambda seen: any(x["state"] == "done" and abs(x["at"] - target["at"] + 2)
+                                      < 1e-3 for x in seen),
+                     timeout=30)
+    assert all(x["ended_at"] for x in ticks(a))
+    assert time.time() < target["at"] - 0.2, "too slow to kill before the tick"
     mesh[name].stop(sig=signal.SIGKILL)
-    took = eventually(lambda: [x for x in at(ticks(a), target["at"]) if x["ended_at"]], timeout=30)
+    took = until(lambda: [x for x in at(ticks(a), target["at"]) if x["ended_at"]], timeout=30)
     assert took and [x["node"] for x in took] == [target["nodes"][1]], (took, target)
-    assert eventually(lambda: max(x["scheduled_at"] for x in ticks(a)) > target["at"] + 3,
+    assert until(lambda: max(x["scheduled_at"] for x in ticks(a)) > target["at"] + 3,
                       timeout=30)
 
     mesh[name].start()
@@ -305,14 +312,14 @@ def test_a_job_runs_once_per_tick_across_three_nodes_and_survives_kill_9(mesh):
                  if x["state"] == "alive"}
         got = api(a, "GET", "/agents/ticker/runs?limit=100").json()
         return got["data"] if alive == {"a", "b", "c"} and not got["unreachable"] else None
-    runs = eventually(everyone, timeout=30)
+    runs = until(everyone, timeout=30)
     assert runs and not [x for x in runs if x["status"] == "interrupted"], runs
     consecutive(runs)
     assert [x["node"] for x in at(runs, target["at"])] == [target["nodes"][1]]
 
     assert api(b, "DELETE", "/agents/ticker").json()["deleted"] is True
     for n in ("a", "b", "c"):
-        assert eventually(lambda n=n: api(mesh[n], "GET", "/agents/ticker").status_code == 404)
+        assert until(lambda n=n: api(mesh[n], "GET", "/agents/ticker").status_code == 404)
     gone = time.time()
     time.sleep(4.5)        # two ticks' time: none may start once every node has deleted it
     assert not [x for x in ticks(a) if x["started_at"] > gone]
@@ -357,27 +364,26 @@ def test_agents_need_the_agents_feature_and_run_as_their_owner(mesh):
 
     chat_only, robot = key("chatter", ["chat"]), key("robot", ["agents"])
     both = key("both", ["agents", "chat"])
-    assert eventually(lambda: api(b, "GET", "/agents", headers=both).status_code == 200)
+    assert until(lambda: api(b, "GET", "/agents", headers=both).status_code == 200)
     r = api(b, "GET", "/agents", headers=chat_only)
     assert r.status_code == 403 and r.json()["error"]["code"] == "feature_not_granted"
     assert api(b, "GET", "/agents").status_code == 401
     spec = {"name": "robot-agent", "model": SMOL, "limits": {"max_steps": 1, "max_tokens": 4}}
-    r = eventually(lambda: (lambda r: r if r.status_code == 201 else None)(
-        api(b, "POST", "/agents", headers=robot, json=spec)), timeout=20)
-    assert r and r.json()["owner"] == "robot"
+    r = api(b, "POST", "/agents", headers=robot, json=spec)
+    assert r.status_code == 201 and r.json()["owner"] == "robot", r.text
     assert api(b, "GET", "/agents/robot-agent", headers=both).status_code == 404   # not its own
     assert api(b, "GET", "/agents/robot-agent", headers=root).status_code == 200   # admin sees all
     run = api(b, "POST", "/agents/robot-agent/runs", headers=robot, json={"input": "hi"}).json()
-    ended = eventually(lambda: (lambda x: x if x["status"] != "running" else None)(
-        api(b, "GET", f"/agents/robot-agent/runs/{run['id']}", headers=robot).json()))
+    ended = until(lambda: api(b, "GET", f"/agents/robot-agent/runs/{run['id']}",
+                              headers=robot).json(), lambda x: x["status"] != "running")
     assert ended["status"] == "failed"
     assert ended["error"] == ("the API key that owns agent 'robot-agent' ('robot') lacks the "
                               "'chat' feature its model calls need")
     r = api(b, "POST", "/agents", headers=both, json={**spec, "name": "both-agent"})
     assert r.status_code == 201
     run = api(b, "POST", "/agents/both-agent/runs", headers=both, json={"input": "hi"}).json()
-    ended = eventually(lambda: (lambda x: x if x["status"] != "running" else None)(
-        api(b, "GET", f"/agents/both-agent/runs/{run['id']}", headers=both).json()))
+    ended = until(lambda: api(b, "GET", f"/agents/both-agent/runs/{run['id']}",
+                              headers=both).json(), lambda x: x["status"] != "running")
     assert ended["status"] in ("completed", "incomplete") and ended["output"], ended
 
 

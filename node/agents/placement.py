@@ -31,9 +31,11 @@ nodes agree on the ranking without talking because they agree on the inputs.
 
 The guarantee, precisely:
 - No tick lost: every tick of J whose instant passes while at least one node that can
-  run J is up and settled is completed by one of them (a tick whose runner died mid-run
-  is run again, in full, by the next node: its steps on the dead node are recorded there
-  as `interrupted` when it restarts).
+  run J is up and settled is completed by one of them. A tick whose runner is gone
+  before its peers heard it `done` is run again, in full, by the next node: one that
+  died mid-run (its steps are recorded there as `interrupted` when it restarts), and
+  one that died in the instant between the end of the run and the gossip message that
+  says so (sent at once, mesh/p2p/gossip.py: at most 4 a second).
 - None run twice, as long as failure detection is accurate: a second node starts tick t
   only when every node above it is seen gone (suspect or dropped) or has not claimed t
   within p * CLAIM_WAIT_S, and a node that reaches step 3 late sees the earlier claim

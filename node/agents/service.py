@@ -52,7 +52,7 @@ log = logging.getLogger("node.agents")
 KIND_DEFS, KIND_RUNS, KIND_RUN = "agent-defs", "agent-runs", "agent-run"
 RUN_PREFIX = "run_"
 START_SETTLE_S = 10.0    # a node takes ticks this long after it starts: peers found and heard
-TICKS_GOSSIPED = 8       # recent ticks per job in gossip: enough for watchers to see a result
+TICKS_GOSSIPED = 8       # finished ticks per job in gossip (running ones: all of them)
 MAX_RUNS = 16            # top-level runs at once on one node; more wait for a slot
 MAX_WAITING = 64         # runs waiting for a slot; a webhook run beyond is refused (429)
 MAX_DEPTH = 3            # agents calling agents calling agents...
@@ -181,8 +181,8 @@ class Agents:
                 self._ready.pop(name, None)
         self._gossip = {"v": 1, "digest": digest(self.records.values()),
                         "jobs": dict(self._ready), "caps": self.tools.caps(),
-                        "ticks": {a: sorted(t.items(), reverse=True)[:TICKS_GOSSIPED]
-                                  for a, t in self._ticks.items() if a in self._ready}}
+                        "ticks": {a: sorted(t.items()) for a, t in self._ticks.items()
+                                  if a in self._ready}}
         self._changed.set()
         self._changed = trio.Event()
         if notify:
@@ -242,7 +242,15 @@ class Agents:
             obj["runnable_on"] = self.runnable_on(spec)
             if spec.schedule is not None:
                 obj["next_runs"] = self._preview(rec, spec)
+                obj["recent_ticks"] = self._seen_ticks(rec.name)
         return obj
+
+    def _seen_ticks(self, name: str, n: int = 8) -> list[dict[str, Any]]:
+        """The job's latest ticks as this node sees them in gossip: who claimed or ran each
+        (what a takeover is decided from, module note of node/agents/placement.py)."""
+        seen = [{"at": ms / 1000, "state": state, "node": r.name}
+                for r in self._replicas(name) for ms, state in r.ticks.items()]
+        return sorted(seen, key=lambda x: (x["at"], x["node"]), reverse=True)[:n]
 
     def _preview(self, rec: AgentRecord, spec: AgentSpec, n: int = 5) -> list[dict[str, Any]]:
         """The next ticks and the order in which nodes would take them, as of now."""
@@ -650,8 +658,8 @@ class Agents:
             ticks.pop(ms, None)
         else:
             ticks[ms] = state
-        for old in sorted(ticks)[:-TICKS_GOSSIPED]:
-            del ticks[old]
+        for old in [k for k in sorted(ticks) if ticks[k] == "done"][:-TICKS_GOSSIPED]:
+            del ticks[old]      # a watcher sees a result within a tick or two; claims stay
         self._refresh()
 
 

@@ -32,10 +32,8 @@ def create(file, replace, url, key, as_json) -> None:
         raise click.ClickException(f"{file}: not valid YAML ({exc})") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise click.ClickException(f"{file}: expected a mapping with at least name and model")
-    if replace:
-        exists = httpx_get_ok(url, f"/v1/agents/{spec['name']}", key)
-        out = request("PUT" if exists else "POST", url,
-                      f"/v1/agents/{spec['name']}" if exists else "/v1/agents", key=key, json=spec)
+    if replace and _exists(url, f"/v1/agents/{spec['name']}", key):
+        out = request("PUT", url, f"/v1/agents/{spec['name']}", key=key, json=spec)
     else:
         out = request("POST", url, "/v1/agents", key=key, json=spec)
     if as_json:
@@ -45,7 +43,7 @@ def create(file, replace, url, key, as_json) -> None:
                    f"{', '.join(out.get('runnable_on') or []) or 'no node now'}")
 
 
-def httpx_get_ok(url: str, path: str, key: str | None) -> bool:
+def _exists(url: str, path: str, key: str | None) -> bool:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         r = httpx.get(url.rstrip("/") + path, headers=headers, timeout=30)
@@ -101,7 +99,10 @@ def show(name, url, key, as_json) -> None:
 def delete(name, url, key, as_json) -> None:
     """Delete an agent mesh-wide (its runs stay readable on the nodes that made them)."""
     out = request("DELETE", url, f"/v1/agents/{name}", key=key)
-    print_json(out) if as_json else click.echo(f"deleted {name}")
+    if as_json:
+        print_json(out)
+    else:
+        click.echo(f"deleted {name}")
 
 
 @agents.command()
@@ -113,7 +114,10 @@ def run(name, text, wait, url, key, as_json) -> None:
     """Run an agent now, on the node at --url."""
     if not wait:
         out = request("POST", url, f"/v1/agents/{name}/runs", key=key, json={"input": text})
-        print_json(out) if as_json else click.echo(out["id"])
+        if as_json:
+            print_json(out)
+        else:
+            click.echo(out["id"])
         return
     _follow(url, f"/v1/agents/{name}/runs", key, as_json, "POST", {"input": text, "stream": True})
 
@@ -129,7 +133,8 @@ def runs(name, limit, url, key, as_json) -> None:
         print_json(out)
         return
     t = Table(title=f"runs of {name}")
-    for col in ("id", "trigger", "status", "node", "started", "tokens", "output / error"):
+    t.add_column("id", overflow="fold")
+    for col in ("trigger", "status", "node", "started", "tokens", "output / error"):
         t.add_column(col)
     for r in out["data"]:
         t.add_row(r["id"], r["trigger"], r["status"], r["node"], _when(r["started_at"]),
