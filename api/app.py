@@ -18,6 +18,7 @@ from api.batch_routes import bp as batch_bp
 from api.drain import DrainUnreadBody
 from api.key_routes import bp as keys_bp
 from api.mesh_routes import bp as mesh_bp
+from api.node_routes import bp as nodes_bp
 from api.model_routes import bp as models_bp
 from api.ollama_routes import bp as ollama_bp
 from api.openai_routes import bp as openai_bp
@@ -42,6 +43,7 @@ def create_app(services) -> QuartTrio:
     app.register_blueprint(batch_bp)
     app.register_blueprint(agents_bp)
     app.register_blueprint(mesh_bp)
+    app.register_blueprint(nodes_bp)
     app.register_blueprint(models_bp)
     app.register_blueprint(keys_bp)
     errors.install(app)

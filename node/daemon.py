@@ -36,6 +36,7 @@ from mesh.errors import AuthError, MeshError, PermissionDenied
 from mesh.files import PEER_SETTLE_S
 from mesh.files import PROTOCOL as FILES_PROTOCOL, make_handler as make_files_handler
 from mesh.keys import InFlight, KeyRing
+from mesh.nodes import NodeBook
 from mesh.p2p import open_p2p
 from mesh.peers import MeshPeers
 from mesh.proxy import PROTOCOL as PROXY_PROTOCOL, ProxyClient, make_handler as make_proxy_handler
@@ -152,6 +153,9 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
                 p2p_port=config.p2p_port, peers=config.peers, mdns=config.mdns,
                 state=lambda: _gossiped(svc)))
             svc.keyring.node_id = p2p.peer_id
+            svc.nodes = NodeBook(config.home, p2p.peer_id)
+            svc.nodes.seen(p2p.peer_id, config.name)
+            await p2p.revoke(svc.nodes.revoked())
             svc.p2p = p2p
             router.peers = MeshPeers(p2p.view)
             router.transport = metrics.transport(ProxyClient(p2p))
@@ -177,6 +181,7 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
                 FILE_CONTENT_KIND: FileStore.Content(svc.files), BATCH_KIND: svc.batches,
                 **svc.agents.record_sources()}))
             nursery.start_soon(_merge_gossiped_keys, svc)
+            nursery.start_soon(_merge_gossiped_nodes, svc)
             for addr in p2p.addrs:
                 say(f"p2p {addr}")
 
@@ -247,7 +252,8 @@ def _agents(svc: Services, config: NodeConfig, store: AgentStore) -> Agents:
 def _gossiped(svc: Services):
     """What this node gossips: its NodeState, plus the agents' entry of `extra`."""
     state = svc.node_state()
-    return state.model_copy(update={"extra": {**state.extra, **svc.agents.gossip()}})
+    nodes = {"nodes": svc.nodes.wire()} if svc.nodes is not None and svc.nodes.wire() else {}
+    return state.model_copy(update={"extra": {**state.extra, **svc.agents.gossip(), **nodes}})
 
 
 def _authorizer(keyring: KeyRing):
@@ -266,6 +272,28 @@ def _authorizer(keyring: KeyRing):
                                    code="feature_not_granted")
 
     return authorize
+
+
+async def _merge_gossiped_nodes(svc: Services) -> None:
+    """Note every peer seen; fold in the node revocations peers gossip, drop and refuse
+    the revoked at once (mesh/nodes.py); re-gossip when our book changed."""
+    view, book = svc.p2p.view, svc.nodes
+    while True:
+        changed = view.changed
+        merged = False
+        for peer in view.peers():
+            if peer.peer_id not in book.revoked():
+                book.seen(peer.peer_id, peer.name)
+            raw = (peer.state.extra or {}).get("nodes") if peer.state else None
+            if isinstance(raw, list):
+                try:
+                    merged |= book.merge(raw)
+                except ValueError as exc:   # pydantic: a malformed record from a peer
+                    log.warning("ignored bad node records from %s: %s", peer.name, exc)
+        if merged:
+            await svc.p2p.revoke(book.revoked())
+            svc.notify_changed()
+        await changed.wait()
 
 
 async def _merge_gossiped_keys(svc: Services) -> None:

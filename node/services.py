@@ -49,6 +49,7 @@ class Services:
     batches: Any = None      # node/batches.py: /v1/batches
     keyring: Any = None
     in_flight: Any = None    # mesh/keys.py InFlight: the per-key cap, HTTP and proxied
+    nodes: Any = None        # mesh/nodes.py NodeBook: nodes admitted and revoked
     api_url: str = ""
     p2p: Any = None
     rpc: Any = None          # node/rpc_server.py: the RPC server this node lends (offer_memory)

@@ -106,6 +106,7 @@ class Admission:
         self._on_admitted = on_admitted
         self._on_denied = on_denied
         self.denied_count = 0          # handshakes that failed the MAC check
+        self.revoked: set[str] = set()  # peer ids (base58) refused for good (mesh/nodes.py)
 
     # -------------------------------------------------------------- state
     def _entry(self, peer: ID) -> _Entry:
@@ -115,6 +116,8 @@ class Admission:
         return e
 
     def status(self, peer: ID) -> Status | None:
+        if peer.to_base58() in self.revoked:
+            return "denied"
         e = self._peers.get(peer)
         if e is None:
             return None
@@ -132,8 +135,22 @@ class Admission:
         return [p for p, e in self._peers.items() if e.status == "admitted"]
 
     def denied_reason(self, peer: ID) -> str:
+        if peer.to_base58() in self.revoked:
+            return "this node was revoked from the mesh"
         e = self._peers.get(peer)
         return e.reason if e else ""
+
+    async def revoke(self, peer: ID) -> None:
+        """Refuse `peer` for good and close its connections now."""
+        if peer.to_base58() in self.revoked:
+            return
+        self.revoked.add(peer.to_base58())
+        e = self._peers.get(peer)
+        if e is not None:
+            e.status, e.denied_at, e.reason = "denied", time.monotonic(), "revoked"
+            e.settled.set()
+        log.warning("revoked peer %s: its connections are closed and refused", peer)
+        await self._drop(peer, None)
 
     def _admit(self, peer: ID) -> None:
         e = self._entry(peer)
@@ -188,6 +205,9 @@ class Admission:
     # -------------------------------------------------------------- handshake
     async def initiate(self, peer: ID) -> bool:
         """Run the handshake as I over a new stream; True when both sides admitted."""
+        if peer.to_base58() in self.revoked:
+            await self._drop(peer, None)
+            return False
         if self.is_admitted(peer):
             return True
         self._entry(peer)

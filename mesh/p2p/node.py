@@ -153,6 +153,16 @@ class P2P:
             return False
         return self._connected(pid)
 
+    async def revoke(self, peer_ids: set[str]) -> None:
+        """Refuse these peers for good (mesh/nodes.py) and close their connections."""
+        for peer_id in peer_ids - self._admission.revoked:
+            try:
+                pid = ID.from_base58(peer_id)
+            except Exception:
+                log.warning("ignored a revocation of a malformed peer id %r", peer_id[:60])
+                continue
+            await self._admission.revoke(pid)
+
     def connected_peers(self) -> list[str]:
         """Peers with a live, admitted connection."""
         return sorted(p.to_base58() for p in self._admission.admitted_peers() if self._connected(p))

@@ -15,6 +15,7 @@ from node.cli import agents as _agents
 from node.cli import batches as _batches
 from node.cli import keys as _keys
 from node.cli import models as _models
+from node.cli import nodes as _nodes
 from node.cli import up as _up
 from node.cli import status as _status
 from node.cli import token as _token
@@ -28,7 +29,7 @@ def cli() -> None:
 
 for command in (_up.up, _status.status, _token.token, _models.gallery, _models.install,
                 _models.models, _models.load, _models.unload, _models.remove, _keys.keys,
-                _batches.batches):
+                _batches.batches, _nodes.nodes):
     cli.add_command(command)
 cli.add_command(_agents.agents)
 
