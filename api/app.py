@@ -15,6 +15,7 @@ from api.agent_routes import bp as agents_bp
 from api.anthropic_routes import bp as anthropic_bp
 from api.auth import AuthMiddleware
 from api.batch_routes import bp as batch_bp
+from api.dashboard_routes import bp as dashboard_bp
 from api.drain import DrainUnreadBody
 from api.key_routes import bp as keys_bp
 from api.mesh_routes import bp as mesh_bp
@@ -46,6 +47,7 @@ def create_app(services) -> QuartTrio:
     app.register_blueprint(nodes_bp)
     app.register_blueprint(models_bp)
     app.register_blueprint(keys_bp)
+    app.register_blueprint(dashboard_bp)
     errors.install(app)
 
     @app.after_request

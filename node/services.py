@@ -114,7 +114,15 @@ class Services:
                          vram_total=res.vram_total, vram_free=res.vram_free, models=models,
                          rpc=self.rpc.state() if self.rpc else RpcState(),
                          load=res.load, open=self.is_open(), keys=self.keyring.wire(),
-                         extra=advertisement(self.store))
+                         extra={**advertisement(self.store), **self._rtt_extra()})
+
+    def _rtt_extra(self) -> dict[str, Any]:
+        """This node's RTT to each peer (ms), gossiped so a dashboard can draw the mesh's
+        links from any node (`/mesh/events`)."""
+        if self.p2p is None:
+            return {}
+        return {"rtt_ms": {p.peer_id: round(p.rtt_ms, 2) for p in self.p2p.view.peers()
+                           if p.rtt_ms is not None}}
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         models = {}

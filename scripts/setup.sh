@@ -23,6 +23,16 @@ if ! command -v espeak-ng >/dev/null 2>&1; then
     say "espeak-ng is missing and this is not root; the transcription tests will skip"
   fi
 fi
+# A real browser for the dashboard tests (tests/test_dashboard.py, driven by selenium).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing chromium and chromium-driver (Debian)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+      || say "could not install chromium; the dashboard's browser tests will skip"
+  else
+    say "chromium/chromedriver are missing and this is not root; the dashboard's browser tests will skip"
+  fi
+fi
 
 [ -x .venv/bin/python ] || { say "creating .venv"; "$PY" -m venv .venv; }
 VPY=.venv/bin/python
