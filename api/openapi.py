@@ -64,7 +64,8 @@ DOCS: dict[str, tuple[str, type[BaseModel] | None]] = {
     "batch.get_batch": ("A batch, from whichever node runs it", None),
     "batch.cancel_batch": ("Cancel a batch (finished lines are kept)", None),
     "agents.list_agents": ("The agents this key sees", None),
-    "agents.create_agent": ("Create an agent (its definition: docs/agents.md)", None),
+    "agents.create_agent": ("Create an agent from its definition (name, model, "
+                            "instructions, tools, limits, schedule)", None),
     "agents.get_agent": ("One agent: definition, where it can run, its next ticks", None),
     "agents.replace_agent": ("Replace an agent's definition (a new revision, mesh-wide)", None),
     "agents.delete_agent": ("Delete an agent mesh-wide", None),

@@ -90,6 +90,11 @@ def mesh(tmp_path_factory, site):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     a_addr = f"/ip4/127.0.0.1/tcp/{port}"
+    docs = tmp / "shared" / "docs"
+    docs.mkdir(parents=True)
+    (docs / "plan.txt").write_text("Project Heron ships on March 3rd.\n")
+    (tmp / "shared" / "secret.txt").write_text("top secret\n")
+    (docs / "link.txt").symlink_to(tmp / "shared" / "secret.txt")
     nodes = {}
     for name, models in (("a", ["--model", QWEN, "--model", SMOL]), ("b", ["--no-models"]),
                          ("c", ["--no-models"])):
@@ -99,7 +104,7 @@ def mesh(tmp_path_factory, site):
             "mcp_servers": {"weather": {"command": sys.executable,
                                         "args": [str(REPO / "tests" / "mcp_server.py")],
                                         "env": {"MCP_CALLS_LOG": str(tmp / f"{name}-calls.log")}}},
-            "agent_http_prefixes": [site.url + "/"]}))
+            "agent_http_prefixes": [site.url + "/"], "agent_read_dirs": [str(tmp / "shared")]}))
         peer = ["--p2p-port", str(port)] if name == "a" else ["--peer", a_addr]
         nodes[name] = MeshNode(home, ["--name", name, "--token", token, "--no-mdns", *peer,
                                       *models]).start()
@@ -239,6 +244,45 @@ def test_a_url_off_the_allow_list_is_refused_and_the_run_says_why(mesh, site):
                                  f"({site.url}/public/)")
     assert tools[0]["output"].startswith("refused: ")
     assert site.paths[before:] == []               # the site was never asked
+
+
+def test_an_agent_reads_its_folder_and_asks_another_agent(mesh):
+    a, docs = mesh["a"], mesh["tmp"] / "shared" / "docs"
+    for spec in ({"name": "reader", "model": QWEN, "temperature": 0, "tool_choice": "required",
+                  "instructions": "You answer questions about the project's files. Read them "
+                                  "with your tools, then answer in one sentence.",
+                  "tools": {"read_file": {"allow": [str(docs)]}},
+                  "limits": {"max_steps": 2, "max_tokens": 200}},
+                 {"name": "boss", "model": QWEN, "temperature": 0, "tool_choice": "required",
+                  "instructions": "You delegate every question to the agent named reader.",
+                  "tools": {"agents": ["reader"]}, "limits": {"max_steps": 2, "max_tokens": 120}}):
+        assert api(a, "POST", "/agents", json=spec).status_code == 201
+
+    def run(name, text):
+        r = run_cli("agents", "run", name, "--wait", "--json", "--input", text, "--url", a.api,
+                    timeout=300)
+        events = [json.loads(x) for x in r.stdout.splitlines()]
+        assert events and events[-1]["object"] == "agent.run", r.stdout + r.stderr
+        return events[-1], [e for e in events if e.get("object") == "agent.run.step"]
+
+    read, steps = run("reader", f"Read the file {docs}/plan.txt and tell me when Project Heron ships.")
+    tool = next(s for s in steps if s["type"] == "tool")
+    assert tool["name"] == "read_file" and "March 3rd" in tool["output"] and not tool["refused"]
+    assert read["status"] == "completed" and "March" in read["output"], read
+    # a link out of the folder is refused: the file's text never reaches the model
+    read, steps = run("reader", f"What is in {docs}/link.txt?")
+    tool = next(s for s in steps if s["type"] == "tool")
+    assert tool["refused"] and tool["error"].endswith(f"is not in this agent's folders ({docs})")
+    assert "top secret" not in json.dumps(steps) + json.dumps(read)
+
+    boss, steps = run("boss", "When does Project Heron ship? The plan is in plan.txt.")
+    call = next(s for s in steps if s["type"] == "tool")
+    assert call["name"] == "call_agent" and json.loads(call["arguments"])["agent"] == "reader"
+    child = api(a, "GET", f"/agents/reader/runs/{call['run_id']}").json()
+    assert child["trigger"] == "agent" and child["parent_run"] == boss["id"]
+    assert child["status"] == call["status"] and child["node"] == "a"
+    if child["status"] == "completed":
+        assert call["output"] == child["output"] and not call["error"]
 
 
 def ticks(node, name="ticker") -> list[dict]:

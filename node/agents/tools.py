@@ -246,6 +246,10 @@ class ToolBox:
             return _refuse(f"{path} is not within this node's agent_read_dirs")
         try:
             data = await trio.to_thread.run_sync(_read_head, real)
+        except IsADirectoryError:
+            names = await trio.to_thread.run_sync(_listing, real)
+            return ToolResult(output=f"{path} is a folder; its files: {', '.join(names) or 'none'}",
+                              detail={"path": str(real)})
         except OSError as exc:
             return _fail(f"{path}: {exc.strerror or exc}")
         if b"\0" in data:
@@ -267,6 +271,11 @@ def _read_head(path: Path) -> bytes:
         return f.read(MAX_OUTPUT + 1)
 
 
+def _listing(path: Path, most: int = 200) -> list[str]:
+    """A folder's entries (sub-folders end with /), for a model that asked for a folder."""
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())[:most]
+
+
 def _builtins(spec: AgentSpec) -> list[Tool]:
     t = spec.tools
     out = []
@@ -276,7 +285,8 @@ def _builtins(spec: AgentSpec) -> list[Tool]:
                         parameters={"type": "object", "properties": {"url": {"type": "string"}},
                                     "required": ["url"]}))
     if t.read_file:
-        out.append(Tool(name="read_file", description="Read a text file. Allowed folders: "
+        out.append(Tool(name="read_file", description="Read a text file (a folder: its list of "
+                        "files). Allowed folders: "
                         f"{', '.join(t.read_file.allow)}",
                         parameters={"type": "object", "properties": {"path": {"type": "string"}},
                                     "required": ["path"]}))
