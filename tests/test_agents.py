@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from node.agents.placement import CLAIM_WAIT_S, Replica, decide, rank
+from node.agents.spec import Schedule, next_tick, url_within
 from tests.procs import REPO, MeshNode, run_cli
 
 QWEN = "qwen2.5-coder-0.5b-instruct"     # calls tools
@@ -461,3 +462,26 @@ def test_placement_first_alive_in_rank_runs_a_tick_and_the_next_takes_over():
     assert decide("job", 10_000, second, late, now=10).action == "skip"
     # an alive first that never claims: the second runs it after CLAIM_WAIT_S
     assert decide("job", 10_000, second, everyone, now=10 + CLAIM_WAIT_S).action == "run"
+
+
+def test_schedule_instants_are_the_same_on_every_node():
+    every = Schedule(every=2)
+    assert next_tick(every, anchor=100.5, after=100.5) == 102.5
+    assert next_tick(every, anchor=100.5, after=103.0) == 104.5
+    assert next_tick(every, anchor=100.5, after=50.0) == 100.5      # not before its creation
+    cron = Schedule(cron="0 7 * * 1-5")                             # 07:00 UTC on weekdays
+    friday_noon = 1764936000.0                                      # 2025-12-05 12:00 UTC, a Friday
+    assert next_tick(cron, anchor=0, after=friday_noon) == 1765177200.0   # Monday 07:00 UTC
+    assert next_tick(Schedule(cron="* * * * * */2"), anchor=0, after=1000.5) == 1002.0
+
+
+def test_url_allow_lists_compare_parsed_urls():
+    allow = ["https://api.example.com/v2/"]
+    assert url_within("https://api.example.com/v2/items?id=3", allow)
+    assert url_within("https://api.example.com:443/v2/", allow)
+    for url in ("https://api.example.com/v1/items", "http://api.example.com/v2/",
+                "https://api.example.com:8443/v2/", "https://api.example.com.evil.net/v2/",
+                "https://api.example.com@evil.net/v2/", "https://user@api.example.com/v2/",
+                "https://api.example.com/v2/../admin", "https://api.example.com/v2/%2e%2e/admin",
+                "file:///etc/passwd", "not a url"):
+        assert not url_within(url, allow), url
