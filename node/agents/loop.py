@@ -100,4 +100,5 @@ async def run_loop(spec: AgentSpec, text: str, *, tools: ToolBox,
                                              "arguments": c.arguments, **res.record()})
             messages.append(Message(role="tool", content=res.output, tool_call_id=c.id,
                                     name=c.name))
-    return Outcome("incomplete", None, f"max_steps ({lim.max_steps}) reached")   # unreachable
+    # only a last step that called a tool although it was offered none gets here
+    return Outcome("incomplete", None, f"max_steps ({lim.max_steps}) reached")
