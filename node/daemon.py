@@ -265,8 +265,14 @@ def _authorizer(keyring: KeyRing):
             return
         if not caller:
             raise AuthError("the forwarding node sent no caller identity")
+        # the key as OUR ring knows it: a revoked or unknown key id, or features the
+        # forwarding node merely claims, are not taken on trust
+        rec = next((r for r in keyring.live() if r.key_id == caller.get("key_id")), None)
+        if rec is None:
+            raise AuthError("the caller's API key is unknown or revoked on the serving node",
+                            code="invalid_api_key")
         need = feature_of(request)
-        features = caller.get("features") or []
+        features = rec.features
         if "admin" not in features and need not in features:
             raise PermissionDenied(f"this API key does not have the '{need}' feature",
                                    code="feature_not_granted")
