@@ -332,17 +332,20 @@ def test_a_job_runs_once_per_tick_across_three_nodes_and_survives_kill_9(mesh):
         for n in api(a, "GET", "/agents/ticker").json()["next_runs"]:
             if n["nodes"][0] in ("b", "c") and len(n["nodes"]) == 3 and n["at"] - time.time() > 1:
                 return n
-    target = until(victim, timeout=30)
-    assert target
-    name = target["nodes"][0]
-    others = [mesh[n] for n in ("a", "b", "c") if n != name]
-    for n in others:
-        assert until(lambda n=n: api(n, "GET", "/agents/ticker").json()["recent_ticks"],
-                     lambda seen: any(x["state"] == "done" and abs(x["at"] - target["at"] + 2)
-                                      < 1e-3 for x in seen),
-                     timeout=30)
-    assert all(x["ended_at"] for x in ticks(a))
-    assert time.time() < target["at"] - 0.2, "too slow to kill before the tick"
+    def seen_done(node, t):
+        return any(x["state"] == "done" and abs(x["at"] - t) < 1e-3
+                   for x in api(node, "GET", "/agents/ticker").json()["recent_ticks"])
+
+    for _ in range(5):           # on a busy machine a tick may come before all that
+        target = until(victim, timeout=30)
+        assert target
+        name = target["nodes"][0]
+        assert all(until(lambda n=n: seen_done(n, target["at"] - 2), timeout=30)
+                   for n in (mesh[x] for x in ("a", "b", "c") if x != name))
+        if time.time() < target["at"] - 0.3 and all(x["ended_at"] for x in ticks(a)):
+            break
+    else:
+        pytest.fail("no quiet moment before a tick of b or c in 5 tries")
     mesh[name].stop(sig=signal.SIGKILL)
     took = until(lambda: [x for x in at(ticks(a), target["at"]) if x["ended_at"]], timeout=30)
     assert took and [x["node"] for x in took] == [target["nodes"][1]], (took, target)
