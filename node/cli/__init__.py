@@ -13,6 +13,8 @@ import click
 
 from node.cli import agents as _agents
 from node.cli import batches as _batches
+from node.cli import chat as _chat
+from node.cli import doctor as _doctor
 from node.cli import keys as _keys
 from node.cli import models as _models
 from node.cli import nodes as _nodes
@@ -29,7 +31,7 @@ def cli() -> None:
 
 for command in (_up.up, _status.status, _token.token, _models.gallery, _models.install,
                 _models.models, _models.load, _models.unload, _models.remove, _keys.keys,
-                _batches.batches, _nodes.nodes):
+                _batches.batches, _nodes.nodes, _chat.chat, _doctor.doctor):
     cli.add_command(command)
 cli.add_command(_agents.agents)
 

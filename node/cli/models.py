@@ -13,11 +13,27 @@ from rich.table import Table
 from node.cli.common import node_options, print_json, request
 
 
+def _no_node(url: str) -> bool:
+    """Nothing listens at `url` (as opposed to a node that answers with an error)."""
+    try:
+        httpx.get(url.rstrip("/") + "/health", timeout=5)
+    except httpx.TransportError:
+        return True
+    return False
+
+
 @click.command()
 @node_options
 def gallery(url, key, as_json) -> None:
-    """List the models the gallery can install."""
-    data = request("GET", url, "/mesh/gallery", key=key)["data"]
+    """List the models the gallery can install (the built-in index when no node runs)."""
+    if _no_node(url):
+        from gallery.catalog import load_index
+        data = sorted(({**e.model_dump(mode="json"), "installed": None} for e in load_index().values()),
+                      key=lambda e: e["id"])
+        click.echo(f"no node at {url}: this is the built-in index (gallery/index.yaml), without "
+                   "a node's --gallery additions or what it has installed", err=True)
+    else:
+        data = request("GET", url, "/mesh/gallery", key=key)["data"]
     if as_json:
         print_json(data)
         return
@@ -27,7 +43,7 @@ def gallery(url, key, as_json) -> None:
     for e in data:
         size = sum(f.get("size") or 0 for f in e["files"])
         t.add_row(e["id"], e["backend"], f"{size / 1e6:.0f} MB" if size else "?",
-                  "yes" if e["installed"] else "", e.get("description") or "")
+                  {True: "yes", False: "", None: "?"}[e["installed"]], e.get("description") or "")
     Console().print(t)
 
 
