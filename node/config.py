@@ -22,6 +22,8 @@
 | gallery          | --gallery (repeat)| MESH_GALLERY (comma)| none beyond the built-in index   |
 | offer_memory     | --offer-memory    | MESH_OFFER_MEMORY   | 0 (lend nothing to RPC splits)   |
 | rpc_threads      |                   | MESH_RPC_THREADS    | 0 (all cores): threads of the RPC server lent, and of split models loaded here |
+| memory_limit     |                   | MESH_MEMORY_LIMIT   | 0 (none): the most RAM split placement counts as this node's (`1GiB`, ...) |
+| bulk_port        |                   | MESH_BULK_PORT      | 0 (any free port): TCP port of the bulk side channel (model files, RPC), on `host`; -1: none, bytes stay on libp2p |
 | response_retention_days |            | MESH_RESPONSE_RETENTION_DAYS | 30: stored Responses API objects kept, then deleted |
 | batch_max_active |                  | MESH_BATCH_MAX_ACTIVE | 4 batches in progress per API key (0 = no cap) |
 | batch_max_lines  |                  | MESH_BATCH_MAX_LINES | 50,000 lines per batch (OpenAI's limit) |
@@ -81,6 +83,8 @@ class NodeConfig(BaseModel):
     gallery: list[str] = Field(default_factory=list)
     offer_memory: int = Field(0, ge=0)
     rpc_threads: int = Field(0, ge=0)
+    memory_limit: int = Field(0, ge=0)
+    bulk_port: int = Field(0, ge=-1, le=65535)
     response_retention_days: float = Field(30, gt=0)
     batch_max_active: int = Field(4, ge=0)
     batch_max_lines: int = Field(50_000, ge=1)
@@ -122,7 +126,7 @@ class NodeConfig(BaseModel):
                 raise ValueError(f"{p!r} is not an http(s) URL prefix")
         return v
 
-    @field_validator("offer_memory", mode="before")
+    @field_validator("offer_memory", "memory_limit", mode="before")
     @classmethod
     def _size(cls, v: Any) -> Any:
         """`6GiB`, `512MB`, `1e9` from the environment or config.yaml (flags are parsed by
@@ -168,6 +172,7 @@ _ENV = {
     "queue_timeout": "MESH_QUEUE_TIMEOUT",
     "max_concurrent_per_key": "MESH_MAX_CONCURRENT_PER_KEY",
     "gallery": "MESH_GALLERY", "offer_memory": "MESH_OFFER_MEMORY", "rpc_threads": "MESH_RPC_THREADS",
+    "memory_limit": "MESH_MEMORY_LIMIT", "bulk_port": "MESH_BULK_PORT",
     "response_retention_days": "MESH_RESPONSE_RETENTION_DAYS",
     "batch_max_active": "MESH_BATCH_MAX_ACTIVE", "batch_max_lines": "MESH_BATCH_MAX_LINES",
     "mcp_servers": "MESH_MCP_SERVERS", "agent_read_dirs": "MESH_AGENT_READ_DIRS",

@@ -32,6 +32,7 @@ from api.lines import answer
 from gallery.catalog import load_index, resolve
 from gallery.installer import install
 from gallery.store import Store
+from mesh.bulk import BulkServer
 from mesh.errors import AuthError, MeshError, PermissionDenied
 from mesh.files import PEER_SETTLE_S
 from mesh.files import PROTOCOL as FILES_PROTOCOL, make_handler as make_files_handler
@@ -163,15 +164,22 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
             p2p.set_handler(PROXY_PROTOCOL, metrics.inbound(make_proxy_handler(
                 router, authorize=_authorizer(svc.keyring), max_deadline=config.request_timeout,
                 in_flight=svc.in_flight)))
+            bulk_server = None             # mesh/bulk.py: files and RPC bytes off libp2p
+            if config.bulk_port >= 0:
+                bulk_server = await nursery.start(BulkServer(
+                    host=config.host, port=config.bulk_port, peer_id=p2p.peer_id).serve)
             if config.offer_memory > 0:
                 svc.rpc = RpcServer(home=config.home, offered=config.offer_memory,
                                     threads=config.rpc_threads, on_change=svc.notify_changed)
                 await nursery.start(svc.rpc.serve)
-            p2p.set_handler(RPC_PROTOCOL, make_rpc_handler(svc.rpc))
+            p2p.set_handler(RPC_PROTOCOL, make_rpc_handler(svc.rpc, bulk_server=bulk_server,
+                                                           find_file=store.find_file_by_sha256))
             svc.splits = await nursery.start(Splits(pool=pool, p2p=p2p, threads=config.rpc_threads,
+                                                    memory_limit=config.memory_limit,
                                                     stopping=shutdown.is_set).serve)
             p2p.set_handler(FILES_PROTOCOL, make_files_handler(store.find_file_by_sha256,
-                                                               store.models_dir))
+                                                               store.models_dir,
+                                                               bulk_server=bulk_server))
             responses.join(p2p.peer_id, RecordClient(p2p))
             svc.files.join(p2p.peer_id, RecordClient(p2p))
             svc.batches.join(p2p.peer_id, RecordClient(p2p))

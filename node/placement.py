@@ -17,18 +17,27 @@ cannot be read.
 
 Split or not. `split=False`: the model loads on this node alone (`Placement.local`),
 whether or not the estimate fits (the caller decides what to do; the existing load path
-never refused). `split=True`: the model is spread over this node and the peers that lend
-memory, even when it would fit here (the user asked: exo users learnt that a split is
-usually slower than one node, so splitting is never automatic). When it would fit here,
-every eligible peer takes a part (the user asked to spread it); when it does not, the
-fewest best-ranked peers that make it fit are used (every peer adds a hop per token).
+never refused). `split=True` when the model fits here (within `local_free - RESERVE`, or
+the node's `memory_limit`): refused with `Pointless`, whose message says why (every peer
+computes on its CPU as this node would, so a split only adds a link round trip per peer
+per token: exo users found splits slower than one node), unless `force`d; forced, every
+eligible peer takes a part. When it does not fit here, the fewest best-ranked peers that
+make it fit are used (every peer adds a hop per token).
 
 Ranking peers. Only alive peers that lend memory (`rpc.offered > 0`) and whose RPC server
 is not held by another node (`rpc.used_by`; llama.cpp's RPC server serves one client at
 a time) are eligible. Their lent free memory (`rpc.free`, or all they offer when the
-holder is this very node, which is about to release it) is weighted by the link:
-`score = free / (1 + rtt_ms / RTT_HALF_MS)` (a peer RTT_HALF_MS away counts half; exo
-#957: place by link speed too). Peers are taken best score first; `MAX_PEERS` caps it.
+holder is this very node, which is about to release it) is weighted by the link, as
+measured by a probe of the tunnel path (node/splits.py, mesh/tunnel.py `probe`; else the
+gossip ping's RTT):
+
+    score = free / (1 + rtt_ms / RTT_HALF_MS) * (1 if it holds the model file
+                                                 else mbps / (mbps + MBPS_HALF))
+
+A peer RTT_HALF_MS away counts half (the round trip is paid per token); a peer without
+its own copy of the file counts by how fast the weights would reach it (MBPS_HALF MB/s
+counts half; unknown: half), while one with the file fills its tensors from its own disk
+(mesh/tunnel.py, FILL). Peers are taken best score first; `MAX_PEERS` caps it.
 
 Layers. Each chosen node gets repeating layers in proportion to its capacity (free memory
 for the loading node after its fixed part; lent free memory for peers) by largest
@@ -50,20 +59,25 @@ import struct
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-__all__ = ["ModelInfo", "PeerOffer", "NodeShare", "Placement", "CannotFit", "read_gguf",
-           "model_info", "estimate", "place", "KV_BYTES", "OVERHEAD", "RTT_HALF_MS",
-           "MAX_PEERS", "RESERVE"]
+__all__ = ["ModelInfo", "PeerOffer", "NodeShare", "Placement", "CannotFit", "Pointless",
+           "read_gguf", "tensor_table", "model_info", "estimate", "place", "alone", "KV_BYTES",
+           "OVERHEAD", "RTT_HALF_MS", "MBPS_HALF", "MAX_PEERS", "RESERVE"]
 
 KV_BYTES = 2                     # f16 K and V cells (llama.cpp's default cache type)
 OVERHEAD = 128 * 2**20           # compute buffers + logits + runtime on the loading node
 PEER_OVERHEAD = 16 * 2**20       # compute buffer on an RPC server
 RESERVE = 512 * 2**20            # RAM the loading node leaves to everything else
 RTT_HALF_MS = 10.0               # a peer this far away counts half its free memory
+MBPS_HALF = 100.0                # MB/s at which a peer without the file counts half
 MAX_PEERS = 8                    # below GGML_RPC_MAX_SERVERS (16); each adds a hop per token
 
 
 class CannotFit(Exception):
     """No placement holds the model with the memory the mesh has."""
+
+
+class Pointless(Exception):
+    """A split was asked for a model that fits here: it would only be slower."""
 
 
 # ----------------------------------------------------------------- GGUF header
@@ -104,6 +118,17 @@ def _value(f: BinaryIO, vtype: int, keep: bool) -> Any:
 
 def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, int]]:
     """(scalar metadata, {tensor name: bytes}) from a GGUF file's header (v2/v3)."""
+    meta, table = _read_gguf(path)
+    return meta, {name: n for name, (_, n) in table.items()}
+
+
+def tensor_table(path: str) -> dict[str, tuple[int, int]]:
+    """{tensor name: (absolute file offset of its data, bytes up to the next tensor)}: what
+    the RPC tunnel compares a weight upload with (mesh/tunnel.py, FILL)."""
+    return _read_gguf(path)[1]
+
+
+def _read_gguf(path: str) -> tuple[dict[str, Any], dict[str, tuple[int, int]]]:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
@@ -127,11 +152,11 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, int]]:
         align = int(meta.get("general.alignment", 32))
         data_start = (f.tell() + align - 1) // align * align
     offsets.sort()
-    sizes: dict[str, int] = {}
+    table: dict[str, tuple[int, int]] = {}
     for i, (off, name) in enumerate(offsets):
         end = offsets[i + 1][0] if i + 1 < len(offsets) else size - data_start
-        sizes[name] = max(0, end - off)
-    return meta, sizes
+        table[name] = (data_start + off, max(0, end - off))
+    return meta, table
 
 
 # ------------------------------------------------------------------- estimate
@@ -186,6 +211,8 @@ class PeerOffer:
     used_by: str = ""
     alive: bool = True
     rtt_ms: float | None = None
+    mbps: float | None = None        # measured throughput of the tunnel path
+    has_file: bool = False           # it holds the model file (fills its tensors itself)
 
 
 @dataclass(frozen=True)
@@ -220,7 +247,9 @@ class Placement:
 def _score(p: PeerOffer, me: str) -> float:
     free = p.offered if p.used_by == me else p.free
     rtt = p.rtt_ms if p.rtt_ms is not None and math.isfinite(p.rtt_ms) else RTT_HALF_MS
-    return free / (1.0 + max(0.0, rtt) / RTT_HALF_MS)
+    link = 1.0 if p.has_file else (
+        0.5 if p.mbps is None or not math.isfinite(p.mbps) else max(0.0, p.mbps) / (max(0.0, p.mbps) + MBPS_HALF))
+    return free / (1.0 + max(0.0, rtt) / RTT_HALF_MS) * link
 
 
 def eligible(peers: list[PeerOffer], me: str, exclude: frozenset[str] = frozenset()) -> list[PeerOffer]:
@@ -244,20 +273,36 @@ def _apportion(n: int, caps: list[float]) -> list[int]:
     return out
 
 
+def alone(info: ModelInfo, *, n_ctx: int, my_name: str = "local") -> Placement:
+    """The whole model on this node."""
+    need = estimate(info, n_ctx)
+    return Placement((NodeShare("", my_name, info.n_layer, need),), need)
+
+
 def place(info: ModelInfo, *, n_ctx: int, local_free: int, peers: list[PeerOffer],
           split: bool, me: str = "", my_name: str = "local",
-          exclude: frozenset[str] = frozenset()) -> Placement:
-    """Where each layer goes (see the module note). Raises CannotFit."""
+          exclude: frozenset[str] = frozenset(), local_limit: int = 0,
+          force: bool = False) -> Placement:
+    """Where each layer goes (see the module note). Raises CannotFit, Pointless."""
     need = estimate(info, n_ctx)
     per_layer = [b + n_ctx * info.kv_per_layer_token for b in info.layer_bytes]
     avg = sum(per_layer) / max(1, info.n_layer)
     local_fixed = info.fixed_bytes + OVERHEAD
-    local_cap = max(0, local_free - RESERVE - local_fixed)
+    budget = max(0, local_free - RESERVE)
+    if local_limit > 0:
+        budget = min(budget, local_limit)
+    local_cap = max(0, budget - local_fixed)
     if not split:
-        return Placement((NodeShare("", my_name, info.n_layer, need),), need)
+        return alone(info, n_ctx=n_ctx, my_name=my_name)
     cands = eligible(peers, me, exclude)
     free_of = {p.peer_id: (p.offered if p.used_by == me else p.free) - PEER_OVERHEAD for p in cands}
-    if need <= local_free - RESERVE:
+    if need <= budget and not force:
+        raise Pointless(
+            f"it fits on this node ({_gib(need)} needed, {_gib(budget)} free here), and every "
+            f"lender computes on its CPU as this node would, so a split over "
+            f"{len(cands) or 'any'} peer(s) would only add a link round trip per peer per token "
+            f"({_rtts(cands)}): load it without split, or force the split")
+    if need <= budget:
         chosen = cands[:MAX_PEERS]
     else:
         chosen, room = [], local_cap
@@ -270,7 +315,7 @@ def place(info: ModelInfo, *, n_ctx: int, local_free: int, peers: list[PeerOffer
     if sum(caps) < sum(per_layer):
         raise CannotFit(
             f"the model needs about {_gib(need)} ({info.n_layer} layers of ~{_gib(avg)}); "
-            f"this node has {_gib(max(0, local_free - RESERVE))} free and "
+            f"this node has {_gib(budget)} free and "
             f"{len(cands)} peer(s) lend {_gib(sum(free_of.values()))}")
     counts = _apportion(info.n_layer, caps)
     # move layers off nodes over capacity onto nodes with room (largest room first)
@@ -301,6 +346,13 @@ def place(info: ModelInfo, *, n_ctx: int, local_free: int, peers: list[PeerOffer
         shares.append(NodeShare(pid, name, c, nbytes))
         first += c
     return Placement(tuple(shares), need)
+
+
+def _rtts(peers: list[PeerOffer]) -> str:
+    known = [p for p in peers if p.rtt_ms is not None and math.isfinite(p.rtt_ms)]
+    if not known:
+        return "round trips not measured"
+    return ", ".join(f"{p.name} {p.rtt_ms:.2f} ms" for p in known)
 
 
 def _gib(n: float) -> str:

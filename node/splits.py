@@ -3,10 +3,13 @@
 `Splits.serve` owns one task per split model (commands arrive over a channel, so no
 nursery is stored). A model's task loops:
 
-  1. place it (node/placement.py) from the gossiped `rpc` state of the alive peers and
-     their RTT, excluding peers that just failed;
+  1. place it (node/placement.py) from the gossiped `rpc` state of the alive peers, a
+     probe of the tunnel path to each (round trip and MB/s, mesh/tunnel.py `probe`) and
+     whether it gossips the model file's sha256, excluding peers that just failed; a
+     model that fits here is refused with the reason unless the split is forced;
   2. open one tunnel per chosen peer (mesh/tunnel.py: a 127.0.0.1 listener whose
-     connections become `/mesh/rpc/1` streams);
+     connections are carried over `/mesh/rpc/2`, on the bulk side channel); a peer with
+     its own copy of the file gets the tensor table, so it fills its weights from disk;
   3. start the model's worker (node/workers.py) with `rpc_servers` = the tunnels' local
      ends and `rpc_layers` = the layers per peer; the worker registers them with
      llama.cpp and keeps the output layer and token embeddings here (node/rpc.py);
@@ -31,16 +34,17 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable
 
 import trio
 
-from mesh.errors import BadRequest, Conflict, NoCapacity, Unavailable
-from mesh.tunnel import TunnelStats, serve_tunnel
+from mesh.errors import BadRequest, Conflict, MeshError, NoCapacity, Unavailable
+from mesh.tunnel import LinkProbe, ModelFile, TunnelStats, probe, serve_tunnel
 from node import resources
-from node.placement import CannotFit, PeerOffer, Placement, model_info, place
+from node.placement import (CannotFit, PeerOffer, Placement, Pointless, alone, eligible,
+                            model_info, place, tensor_table)
 from node.workers import ModelSpec, Worker, WorkerPool
 
 log = logging.getLogger("node.splits")
@@ -50,12 +54,14 @@ WATCH_EVERY = 1.0          # s between liveness checks when nothing else wakes t
 MAX_REPLACEMENTS = 3       # re-placements in a row before the model is left failed
 STABLE_AFTER = 60.0        # s of serving after which a failure starts a new row
 DEFAULT_CONTEXT, DEFAULT_PARALLEL = 2048, 4    # node/backends/llama.py's defaults
+PROBE_TIMEOUT = 5.0        # s for the link probes before a placement (peers not done: RTT only)
 
 
 @dataclass
 class _Request:
     installed: Any
     reply: trio.MemorySendChannel
+    force: bool = False
 
 
 @dataclass
@@ -70,19 +76,21 @@ class _Split:
 class Splits:
     """The split models this node loads."""
 
-    def __init__(self, *, pool: WorkerPool, p2p, threads: int = 0,
+    def __init__(self, *, pool: WorkerPool, p2p, threads: int = 0, memory_limit: int = 0,
                  stopping: Callable[[], bool] = lambda: False) -> None:
         self.pool = pool
         self.p2p = p2p
         self.threads = threads
+        self.memory_limit = memory_limit   # the most RAM placement counts as this node's
         self.stopping = stopping      # the node is shutting down: links break, do not re-place
         self._splits: dict[str, _Split] = {}
         self._send, self._recv = trio.open_memory_channel(64)
 
     # ------------------------------------------------------------------ API
-    async def load(self, installed) -> Worker:
+    async def load(self, installed, *, force: bool = False) -> Worker:
         """Place, load and keep a split model; returns its worker once loaded. Raises
-        NoCapacity when it cannot be placed, BadRequest when it fails to load."""
+        NoCapacity when it cannot be placed, BadRequest when it fails to load or fits here
+        (a split would only be slower) and `force` is not set."""
         if installed.backend != "llama":
             raise BadRequest(f"model {installed.id!r} ({installed.backend}) cannot be split: "
                              "only llama.cpp models can", param="split", code="split_unsupported")
@@ -94,7 +102,7 @@ class Splits:
             if w.state == "loaded":
                 return w
         reply_send, reply_recv = trio.open_memory_channel(1)
-        await self._send.send(_Request(installed, reply_send))
+        await self._send.send(_Request(installed, reply_send, force))
         result = await reply_recv.receive()
         if isinstance(result, Exception):
             raise result
@@ -112,22 +120,50 @@ class Splits:
                 nursery.start_soon(self._run, s, req)
 
     # ------------------------------------------------------------- internals
-    def _offers(self) -> list[PeerOffer]:
+    async def _offers(self, sha256: str | None) -> list[PeerOffer]:
+        """Every peer as placement sees it; eligible ones with a fresh link probe."""
         out = []
         for p in self.p2p.view.peers():
             rpc = p.state.rpc
             out.append(PeerOffer(peer_id=p.peer_id, name=p.name, offered=rpc.offered,
                                  free=rpc.free, used_by=rpc.used_by,
-                                 alive=p.routable and p.connected, rtt_ms=p.rtt_ms))
-        return out
+                                 alive=p.routable and p.connected, rtt_ms=p.rtt_ms,
+                                 has_file=_gossips(p, sha256)))
+        probes: dict[str, LinkProbe] = {}
 
-    async def _place(self, installed, exclude: frozenset[str]) -> Placement:
+        async def one(peer_id: str) -> None:
+            try:
+                probes[peer_id] = await probe(self.p2p, peer_id)
+            except MeshError as exc:
+                log.info("link probe of %s failed: %s", peer_id[-8:], exc.message)
+        with trio.move_on_after(PROBE_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for o in eligible(out, self.p2p.peer_id):
+                    nursery.start_soon(one, o.peer_id)
+        return [replace(o, rtt_ms=probes[o.peer_id].rtt_ms, mbps=probes[o.peer_id].mbps)
+                if o.peer_id in probes else o for o in out]
+
+    async def _place(self, installed, exclude: frozenset[str], force: bool, *,
+                     alone_ok: bool = False) -> Placement:
+        """A placement; after a failure (`alone_ok`) a model that fits here loads here."""
         info = await trio.to_thread.run_sync(model_info, str(installed.path))
         cfg = installed.config or {}
         n_ctx = int(cfg.get("context_size") or DEFAULT_CONTEXT) * max(1, int(cfg.get("parallel") or DEFAULT_PARALLEL))
-        return place(info, n_ctx=n_ctx, local_free=resources.read().ram_free,
-                     peers=self._offers(), split=True, me=self.p2p.peer_id,
-                     my_name=self.p2p.name, exclude=exclude)
+        peers = await self._offers(_sha256(installed))
+        kw = dict(n_ctx=n_ctx, local_free=resources.read().ram_free, peers=peers, split=True,
+                  me=self.p2p.peer_id, my_name=self.p2p.name, exclude=exclude,
+                  local_limit=self.memory_limit)
+        try:
+            placement = place(info, **kw, force=force)
+        except Pointless:
+            if not alone_ok:
+                raise
+            placement = alone(info, n_ctx=n_ctx, my_name=self.p2p.name)
+        log.info("placing %s: %s", installed.id, "; ".join(
+            f"{o.name}: {o.free / 2**20:.0f} MiB free, rtt {o.rtt_ms or 0:.2f} ms, "
+            f"{o.mbps or 0:.0f} MB/s{', has the file' if o.has_file else ''}"
+            for o in peers if o.offered) or "no lenders")
+        return placement
 
     def _spec(self, installed, placement: Placement, ports: list[int], info: dict) -> ModelSpec:
         config = dict(installed.config or {})
@@ -159,7 +195,13 @@ class Splits:
                     now = time.monotonic()
                     exclude = frozenset(p for p, until in excluded.items() if until > now)
                     try:
-                        placement = await self._place(installed, exclude)
+                        placement = await self._place(installed, exclude, req.force,
+                                                      alone_ok=failure is not None)
+                    except Pointless as exc:
+                        answer(BadRequest(f"not splitting {installed.id!r}: {exc}",
+                                          param="split", code="split_pointless"))
+                        self._splits.pop(s.model_id, None)
+                        return
                     except (CannotFit, OSError, ValueError, KeyError) as exc:
                         msg = f"cannot place {installed.id!r}: {exc}"
                         self._give_up(s, f"{failure}; {msg}" if failure else msg)
@@ -227,12 +269,18 @@ class Splits:
         info = {**placement.describe(), "peers": [p.peer_id for p in placement.peers],
                 "failure": failure, "tunnels": {names[k]: vars(v) for k, v in stats.items()}}
         s.info = info
+        sha = _sha256(installed)
+        holders = {p.peer_id for p in placement.peers if _gossips(self.p2p.view.get(p.peer_id), sha)}
+        model = None
+        if holders:
+            table = await trio.to_thread.run_sync(tensor_table, str(installed.path))
+            model = ModelFile(sha256=sha, path=str(installed.path), tensors=table)
         async with trio.open_nursery() as tunnels:
             ports = []
             for p in placement.peers:
                 ports.append(await tunnels.start(partial(
                     serve_tunnel, self.p2p, p.peer_id, on_broken=partial(on_broken, p.peer_id),
-                    stats=stats[p.peer_id])))
+                    stats=stats[p.peer_id], model=model if p.peer_id in holders else None)))
             spec = self._spec(installed, placement, ports, info)
             log.info("split model %s over %s (layers %s)", installed.id,
                      ", ".join(info["nodes"]), info["layers"])
@@ -276,6 +324,19 @@ class Splits:
                         scope.cancel()
                     n.start_soon(wait, wake)
                     n.start_soon(wait, view_changed)
+
+
+def _sha256(installed) -> str | None:
+    """The pinned sha256 of the model's GGUF (what peers gossip when they hold it)."""
+    for f in installed.files:
+        if installed.dir / f.path == installed.path:
+            return f.sha256
+    return None
+
+
+def _gossips(peer, sha256: str | None) -> bool:
+    files = peer.state.extra.get("files") if peer is not None else None
+    return bool(sha256) and isinstance(files, list) and sha256 in files
 
 
 __all__ = ["Splits", "EXCLUDE_FOR", "MAX_REPLACEMENTS"]

@@ -13,9 +13,11 @@ import functools
 import hashlib
 import http.server
 import json
+import logging
 import os
 import threading
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -26,6 +28,7 @@ import yaml
 
 from gallery import GalleryEntry, Store
 from gallery.store import advertisement
+from mesh.bulk import BulkServer
 from mesh.files import PROTOCOL, MeshFileFetcher, candidates, make_handler
 from mesh.token import new_token, parse_token
 from mesh.wire.framing import pack, read_frame
@@ -57,7 +60,21 @@ def _fake_install(models: Path, model_id: str, name: str, content: bytes, *,
 
 
 # --------------------------------------------------------------------------- in-process
-def test_fetch_from_a_peer_and_refusals(tmp_path: Path) -> None:
+@asynccontextmanager
+async def serving(p2p, store: Store, *, side_channel: bool = True):
+    """`p2p` serves `store`'s files, with a side channel (BulkServer) unless told not to."""
+    async with trio.open_nursery() as nursery:
+        server = None
+        if side_channel:
+            server = await nursery.start(BulkServer(host="127.0.0.1", peer_id=p2p.peer_id).serve)
+        p2p.set_handler(PROTOCOL, make_handler(store.find_file_by_sha256, store.models_dir,
+                                               bulk_server=server))
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("side_channel", [True, False], ids=["side-channel", "libp2p"])
+def test_fetch_from_a_peer_and_refusals(tmp_path: Path, side_channel: bool) -> None:
     token = parse_token(new_token())
     data = os.urandom(3 * 2**20 + 123)
     sha = _fake_install(tmp_path / "models", "blob", "blob.bin", data)
@@ -66,18 +83,24 @@ def test_fetch_from_a_peer_and_refusals(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with node(tmp_path, token, "a", extra=advertisement(store)) as a, \
-                node(tmp_path, token, "b", [a.addrs[0]]) as b:
-            a.set_handler(PROTOCOL, make_handler(store.find_file_by_sha256, store.models_dir))
+                node(tmp_path, token, "b", [a.addrs[0]]) as b, \
+                serving(a, store, side_channel=side_channel):
             assert await b.view.wait_for(alive(a), 8)
             assert [p.name for p in candidates(b.view, sha)] == ["a"]
             assert candidates(b.view, "0" * 64) == []          # a's list says it has not
             seen: list[int] = []
-            fetcher = MeshFileFetcher(b)
+            fetcher = MeshFileFetcher(b, piece=2**20)
             assert await fetcher.fetch(sha, len(data), tmp_path / "got", seen.append)
             assert (tmp_path / "got").read_bytes() == data and fetcher.source == "peer:a"
+            assert fetcher.verified == (sha, len(data))
+            how = "side channel" if side_channel else "libp2p stream"
+            assert fetcher.sources == [("a", len(data), how)]
             assert seen == sorted(seen) and seen[-1] == len(data)
             # the wrong size for this hash: refused before any byte is written
             assert not await fetcher.fetch(sha, len(data) + 1, tmp_path / "got2", seen.append)
+            # the size unknown: the peer's answer gives it
+            assert await fetcher.fetch(sha, None, tmp_path / "got3", seen.append)
+            assert (tmp_path / "got3").read_bytes() == data
 
             # the wire itself: a resumed request, an unknown hash, a malformed request
             async def ask(req: dict) -> tuple[dict | None, bytes]:
@@ -97,6 +120,46 @@ def test_fetch_from_a_peer_and_refusals(tmp_path: Path) -> None:
             assert await ask({"v": 1, "sha256": sha, "offset": len(data) + 1}) == (
                 {"ok": False, "error": "bad_offset"}, b"")
             assert await ask({"v": 1, "sha256": "../../etc/passwd", "offset": 0}) == (None, b"")
+            assert await ask({"v": 2, "sha256": sha}) == ({"ok": True, "size": len(data),
+                                                          "bulk": None}, b"")
+
+    run(main)
+
+
+def test_two_peers_share_the_work_and_a_liar_is_dropped(tmp_path: Path, caplog) -> None:
+    """a and c hold the file; b takes pieces from both. Then c's copy is wrong in every
+    piece: the joint copy fails, each is asked alone, c is dropped, a's copy is kept."""
+    token = parse_token(new_token())
+    data = os.urandom(8 * 2**20)
+    sha = _fake_install(tmp_path / "a-models", "blob", "blob.bin", data)
+    _fake_install(tmp_path / "c-models", "blob", "blob.bin", data)
+    a_store, c_store = Store(tmp_path / "a-models"), Store(tmp_path / "c-models")
+    caplog.set_level(logging.INFO, logger="mesh.files")
+
+    async def main() -> None:
+        async with node(tmp_path, token, "a", extra=advertisement(a_store)) as a, \
+                node(tmp_path, token, "c", [a.addrs[0]], extra=advertisement(c_store)) as c, \
+                node(tmp_path, token, "b", [a.addrs[0], c.addrs[0]]) as b, \
+                serving(a, a_store), serving(c, c_store):
+            assert await b.view.wait_for(alive(a, c), 8)
+            fetcher = MeshFileFetcher(b, piece=2**20)
+            assert await fetcher.fetch(sha, len(data), tmp_path / "got", lambda n: None)
+            assert (tmp_path / "got").read_bytes() == data
+            assert sorted(fetcher.source.removeprefix("peer:").split("+")) == ["a", "c"]
+            assert sorted(n for n, _, _ in fetcher.sources) == ["a", "c"]
+            assert sum(n for _, n, _ in fetcher.sources) == len(data)
+
+            bad = bytearray(data)
+            for i in range(0, len(bad), 2**20):         # c now lies in every piece it sends
+                bad[i + 1] ^= 0xFF
+            (tmp_path / "c-models" / "blob" / "blob.bin").write_bytes(bytes(bad))
+            assert await fetcher.fetch(sha, len(data), tmp_path / "got2", lambda n: None)
+            assert (tmp_path / "got2").read_bytes() == data and fetcher.source == "peer:a"
+            assert "peer c sent a copy of" in caplog.text and "dropped for this file" in caplog.text
+
+            # nobody honest left: c alone is asked, lies, is dropped, and the fetch fails
+            (tmp_path / "a-models" / "blob" / "blob.bin").write_bytes(bytes(bad))
+            assert not await fetcher.fetch(sha, len(data), tmp_path / "got3", lambda n: None)
 
     run(main)
 
@@ -115,8 +178,16 @@ def test_broken_transfer_resumes_and_a_stalled_peer_is_left(tmp_path: Path) -> N
     sha = _sha(data)
     offsets: list[int] = []
 
+    async def v2_without_side_channel(stream, req) -> bool:
+        if req["v"] == 2:                 # answered, then bytes on v1 streams
+            await stream.write(pack({"ok": True, "size": len(data), "bulk": None}))
+            return True
+        return False
+
     async def breaks_once(stream, peer) -> None:
         req = await read_frame(_Receiver(stream))
+        if await v2_without_side_channel(stream, req):
+            return
         offsets.append(req["offset"])
         await stream.write(pack({"ok": True, "size": len(data)}))
         end = 2 * 2**20 + 17 if len(offsets) == 1 else len(data)
@@ -125,7 +196,9 @@ def test_broken_transfer_resumes_and_a_stalled_peer_is_left(tmp_path: Path) -> N
             await stream.reset()
 
     async def stalls(stream, peer) -> None:
-        await read_frame(_Receiver(stream))
+        req = await read_frame(_Receiver(stream))
+        if await v2_without_side_channel(stream, req):
+            return
         await stream.write(pack({"ok": True, "size": len(data)}))
         await stream.write(data[:100])
         await trio.sleep_forever()
@@ -145,6 +218,36 @@ def test_broken_transfer_resumes_and_a_stalled_peer_is_left(tmp_path: Path) -> N
             staller = MeshFileFetcher(b, stall_timeout=1.0)
             with trio.fail_after(60):                     # gives up; never hangs
                 assert not await staller.fetch(sha, len(data), tmp_path / "got", lambda n: None)
+
+    run(main)
+
+
+def test_a_peer_that_goes_quiet_on_its_side_channel_is_left(tmp_path: Path) -> None:
+    token = parse_token(new_token())
+    data = os.urandom(2**20)
+    sha = _sha(data)
+
+    async def main() -> None:
+        async with node(tmp_path, token, "a") as a, node(tmp_path, token, "b", [a.addrs[0]]) as b, \
+                trio.open_nursery() as nursery:
+            server = await nursery.start(BulkServer(host="127.0.0.1", peer_id=a.peer_id).serve)
+
+            async def quiet(stream, peer) -> None:
+                req = await read_frame(_Receiver(stream))
+                offer = server.offer(peer, "files", req.get("bulk"))
+                await stream.write(pack({"ok": True, "size": len(data), "bulk": offer.wire}))
+                sock = await offer.accept(server)
+                try:
+                    await trio.sleep_forever()            # takes the request, sends nothing
+                finally:
+                    sock.close()
+
+            a.set_handler(PROTOCOL, quiet)
+            assert await b.view.wait_for(alive(a), 8)
+            with trio.fail_after(30):
+                assert not await MeshFileFetcher(b, stall_timeout=1.0).fetch(
+                    sha, len(data), tmp_path / "got", lambda n: None)
+            nursery.cancel_scope.cancel()
 
     run(main)
 
@@ -229,6 +332,7 @@ def test_install_comes_from_a_peer_then_loads_and_chats(mesh):
     got = mesh["tmp"] / "b-models" / "peer-chat" / mesh["gguf"].name
     assert got.stat().st_size == mesh["gguf"].stat().st_size
     assert f"peer-chat/{mesh['gguf'].name}: from peer:a" in b.log_tail(10**6)
+    assert "from a 100% over the side channel" in b.log_tail(10**6)   # not on libp2p
     print(f"98 MB from peer a in {took:.1f} s (CLI included)")
     assert run_cli("load", "peer-chat", "--url", b.api, timeout=120).returncode == 0
     client = openai.OpenAI(base_url=b.v1, api_key="x", max_retries=0, timeout=60)
@@ -248,5 +352,5 @@ def test_a_wrong_copy_from_a_peer_is_rejected(mesh):
     job = install(mesh["b"], "checked")
     assert job["state"] == "done" and job["source"] == "origin", job
     log = mesh["b"].log_tail(10**6)
-    assert "truth.bin: peer:a sent a bad copy" in log, log[-3000:]
+    assert "peer a sent a copy of" in log and "dropped for this file" in log, log[-3000:]
     assert "Traceback" not in log
