@@ -75,6 +75,8 @@ DOCS: dict[str, tuple[str, type[BaseModel] | None]] = {
     "agents.get_run": ("One run, from the node that holds it", None),
     "agents.run_steps": ("A run's steps: model calls, tool calls and results", None),
     "agents.run_events": ("A run's steps as server-sent events while it runs", None),
+    "nodes.list_nodes": ("Every node ever admitted to the mesh, and the revoked ones", None),
+    "nodes.revoke_node": ("Revoke a node mesh-wide: dropped and refused by every node", None),
     "mesh.health": ("Liveness", None),
     "mesh.readyz": ("Readiness: 503 until the node's models are loaded", None),
     "mesh.status": ("This node and every node of the mesh", None),

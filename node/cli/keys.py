@@ -19,7 +19,7 @@ def keys() -> None:
 @keys.command()
 @click.option("--name", required=True, help="A name to recognise the key by.")
 @click.option("--features", required=True,
-              help="Comma-separated: chat,completions,embeddings,audio,models,batch,admin.")
+              help="Comma-separated: chat,completions,embeddings,audio,models,batch,agents,admin.")
 @node_options
 def create(name, features, url, key, as_json) -> None:
     """Create a key; it is printed once, as the last word of the last line."""
