@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import shutil
+import threading
 import time
 
 import httpx
@@ -191,7 +192,28 @@ def test_the_dashboard_lists_both_nodes_and_their_models(browser, mesh, shots):
     first = css(browser, "#mesh-summary").get_attribute("data-ts")
     wait(browser, lambda d: css(d, "#mesh-summary").get_attribute("data-ts") != first, timeout=10)
     assert "live" in css(browser, "#live").text
-    shot(browser, shots, "mesh")
+    # a generation running on a shows as a busy slot of its model, then tokens/s
+    stop, busy = threading.Event(), f'{card.format("a")} .model[data-model="{CHAT}"]'
+
+    def generate():
+        with httpx.stream("POST", mesh["a"].v1 + "/chat/completions", timeout=120,
+                          headers={"Authorization": f"Bearer {mesh['key']}"},
+                          json={"model": CHAT, "stream": True, "max_tokens": 400,
+                                "messages": [{"role": "user", "content": "Tell a long story."}]}) as r:
+            for _ in r.iter_lines():
+                if stop.is_set():
+                    return
+
+    worker = threading.Thread(target=generate, daemon=True)
+    worker.start()
+    try:
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, busy + " .slot.busy"))
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, busy + " .tps"))
+        shot(browser, shots, "mesh")
+    finally:
+        stop.set()
+        worker.join(timeout=130)
+    wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, busy + " .slot.busy"))
 
 
 # ------------------------------------------------------------------ chat
@@ -211,8 +233,8 @@ def _send(driver, model, text, max_tokens=24):
 def test_a_chat_streams_an_answer_and_shows_the_serving_node(browser, mesh, shots):
     sign_in(browser, mesh, "chat")
     css(browser, "#chat-clear").click()
-    set_value(browser, "#chat-system", "You are a poet.")
-    msg = _send(browser, CHAT, "Write two lines about the sea.", max_tokens=32)
+    set_value(browser, "#chat-system", "You are a helpful programmer.")
+    msg = _send(browser, CHAT, "Write a Python function that adds two numbers.", max_tokens=64)
     assert int(msg.get_attribute("data-chunks")) > 3        # many SSE events, drawn as they came
     assert msg.get_attribute("data-node") == "a"             # b has no model: a served it
     assert "served by a" in msg.find_element(By.CSS_SELECTOR, ".msg-head").text
@@ -352,12 +374,25 @@ def test_the_keys_page_creates_a_key_shows_it_once_and_revokes_it(browser, mesh,
     row = '#keys-list tr[data-key="viewer"]'
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, row) and "live" in css(d, row).text)
     assert "chat, models" in css(browser, row).text
-    shot(browser, shots, "keys")
     # the new key works where its features allow, and nowhere else
     viewer = {"Authorization": f"Bearer {secret}"}
     assert httpx.get(b + "/v1/models", headers=viewer).status_code == 200
     assert httpx.get(b + "/mesh/status", headers=viewer).status_code == 403
+    # signed in with it, the page shows what the key may not see instead of the mesh
+    css(browser, "#logout").click()
+    wait(browser, lambda d: css(d, "#login").is_displayed())
+    assert browser.execute_script("return sessionStorage.getItem('mesh.api_key')") is None
+    css(browser, "#login-key").send_keys(secret)
+    css(browser, "#login-submit").click()
+    wait(browser, lambda d: css(d, "#app").is_displayed())
+    assert css(browser, "#who-name").text == "viewer (chat, models)"
+    browser.get(b + "/#mesh")
+    wait(browser, lambda d: "needs a key with the admin feature" in css(d, "#mesh-error").text)
+    css(browser, "#logout").click()
+    sign_in(browser, mesh, "keys")
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, row + " button.revoke"))
     css(browser, row + " button.revoke").click()
     wait(browser, EC.alert_is_present(), timeout=5).accept()
     wait(browser, lambda d: "revoked" in css(d, row).text)
+    shot(browser, shots, "keys")          # the secret on it is revoked, on a mesh long gone
     assert until(lambda: httpx.get(b + "/v1/models", headers=viewer).status_code == 401)
