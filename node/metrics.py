@@ -22,7 +22,9 @@ the proxy handler (`inbound()`): each sees every event of a request and counts i
 
 Retries: Router.open tries its candidates one after another in the caller's task, so a
 start that fails (no first event) leaves a mark in a ContextVar of that task; the next
-attempt at the same request (same fields, any target's model id) counts one retry.
+attempt at the same request (same fields, any target's model id) counts one retry. (So
+would the caller sending the very same request again from the same task after a total
+failure: that is a retry too, by the caller.)
 
 `/mesh/metrics` is one scrape for the whole mesh built from gossip, not from scraping
 peers: this node's own NodeState (as it gossips it) and the latest NodeState of every peer
@@ -46,6 +48,7 @@ from node import resources
 
 _FAILED_START: ContextVar[Any] = ContextVar("mesh_failed_start", default=None)
 GOSSIPED = " (from gossiped node state, labelled by node; as old as mesh_node_gossip_age_seconds)"
+GOSSIP = " (from gossiped node state, labelled by node)"
 
 
 def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
@@ -250,7 +253,7 @@ class _MeshCollector:
         n, nm = ["node"], ["node", "model"]
         g = {
             "alive": _gauge("mesh_node_alive", "1 while the node's gossip arrives, 0 when suspect" + GOSSIPED, n),
-            "age": _gauge("mesh_node_gossip_age_seconds", "seconds since the node's latest state arrived (0: the node answering this scrape)" + GOSSIPED, n),
+            "age": _gauge("mesh_node_gossip_age_seconds", "seconds since the node's latest state arrived (0: the node answering this scrape)" + GOSSIP, n),
             "ram_total": _gauge("mesh_node_ram_total_bytes", "RAM" + GOSSIPED, n),
             "ram_free": _gauge("mesh_node_ram_free_bytes", "free RAM" + GOSSIPED, n),
             "vram_total": _gauge("mesh_node_vram_total_bytes", "GPU memory" + GOSSIPED, n),

@@ -177,14 +177,20 @@ def status(url, key, as_json, full, watch) -> None:
     if not watch:
         console.print(view(request("GET", url, "/mesh/status", key=key)))
         return
+    def frames():
+        while True:
+            try:
+                yield view(request("GET", url, "/mesh/status", key=key))
+            except click.ClickException as exc:           # the node restarting: keep watching
+                yield Text(f"{exc.message} (retrying every second)", style="bold red")
+            time.sleep(1)
+
     try:
+        if not console.is_terminal:                       # a pipe or a file: one frame after another
+            for frame in frames():
+                console.print(frame, Text(""))
         with Live(console=console, auto_refresh=False) as live:
-            while True:
-                try:
-                    frame = view(request("GET", url, "/mesh/status", key=key))
-                except click.ClickException as exc:       # the node restarting: keep watching
-                    frame = Text(f"{exc.message} (retrying every second)", style="bold red")
+            for frame in frames():
                 live.update(frame, refresh=True)
-                time.sleep(1)
     except KeyboardInterrupt:                             # Ctrl-C is how a watch ends
         return
