@@ -3,34 +3,17 @@ schemas (../shared/data/openai-openapi.json) is classified, and the node acts on
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import httpx
 import pytest
 
 from api.schemas import (CHAT_FIELDS, COMPLETION_FIELDS, ChatRequest, CompletionRequest)
+from tests import openai_spec
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "data" / "openai-openapi.json"
 CHAT = "smollm2-135m-instruct"
 
 
 def spec_properties(name: str) -> set[str]:
-    if not SPEC.exists():
-        pytest.skip(f"{SPEC} is not there (../shared beside the checkout)")
-    schemas = json.loads(SPEC.read_text())["components"]["schemas"]
-    out: set[str] = set()
-
-    def walk(s):
-        if "$ref" in s:
-            walk(schemas[s["$ref"].rsplit("/", 1)[-1]])
-            return
-        for key in ("allOf", "anyOf", "oneOf"):
-            for sub in s.get(key, []):
-                walk(sub)
-        out.update(s.get("properties", {}))
-    walk(schemas[name])
-    return out
+    return openai_spec.properties(name)
 
 
 @pytest.mark.parametrize("schema, table, model", [

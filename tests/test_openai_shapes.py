@@ -7,7 +7,6 @@ here honours `nullable` by widening such a schema to also accept null."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import jsonschema
@@ -15,26 +14,14 @@ import pytest
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "data" / "openai-openapi.json"
+from tests import openai_spec
+
 CHAT = "smollm2-135m-instruct"
-
-
-def _nullable(s):
-    if isinstance(s, list):
-        return [_nullable(x) for x in s]
-    if not isinstance(s, dict):
-        return s
-    s = {k: _nullable(v) for k, v in s.items()}
-    if s.pop("nullable", False):
-        return {"anyOf": [s, {"type": "null"}]}
-    return s
 
 
 @pytest.fixture(scope="module")
 def validate():
-    if not SPEC.exists():
-        pytest.skip(f"{SPEC} is not there (../shared beside the checkout)")
-    doc = _nullable(json.loads(SPEC.read_text()))
+    doc = openai_spec.nullable(openai_spec.load())
     registry = Registry().with_resource(
         "urn:openai", Resource.from_contents(doc, default_specification=DRAFT202012))
 

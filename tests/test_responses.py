@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from pathlib import Path
 
 import httpx
 import jsonschema
@@ -19,9 +18,9 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from api.responses_routes import RESPONSE_FIELDS, ResponsesRequest
+from tests import openai_spec
 from tests.procs import MeshNode, run_cli
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "data" / "openai-openapi.json"
 CHAT = "smollm2-135m-instruct"
 QWEN = "qwen2.5-coder-0.5b-instruct"
 WEATHER = {"type": "object", "properties": {
@@ -46,26 +45,9 @@ def eventually(fn, timeout=20.0, interval=0.2):
 
 
 # --------------------------------------------------------------------- the spec
-def _spec() -> dict:
-    if not SPEC.exists():
-        pytest.skip(f"{SPEC} is not there (../shared beside the checkout)")
-    return json.loads(SPEC.read_text())
-
-
-def _nullable(s):
-    if isinstance(s, list):
-        return [_nullable(x) for x in s]
-    if not isinstance(s, dict):
-        return s
-    s = {k: _nullable(v) for k, v in s.items()}
-    if s.pop("nullable", False):
-        return {"anyOf": [s, {"type": "null"}]}
-    return s
-
-
 @pytest.fixture(scope="module")
 def validate():
-    doc = _nullable(_spec())
+    doc = openai_spec.nullable(openai_spec.load())
     registry = Registry().with_resource(
         "urn:openai", Resource.from_contents(doc, default_specification=DRAFT202012))
     schemas = doc["components"]["schemas"]
@@ -82,18 +64,7 @@ def validate():
 
 
 def test_every_create_field_is_classified_and_declared() -> None:
-    schemas = _spec()["components"]["schemas"]
-    fields: set[str] = set()
-
-    def walk(s):
-        if "$ref" in s:
-            walk(schemas[s["$ref"].rsplit("/", 1)[-1]])
-            return
-        for key in ("allOf", "anyOf", "oneOf"):
-            for sub in s.get(key, []):
-                walk(sub)
-        fields.update(s.get("properties", {}))
-    walk(schemas["CreateResponse"])
+    fields = openai_spec.properties("CreateResponse")
     assert {"input", "previous_response_id", "tools", "text"} <= fields
     assert sorted(fields - set(RESPONSE_FIELDS)) == [], "fields of the spec nobody classified"
     assert sorted(set(RESPONSE_FIELDS) - set(ResponsesRequest.model_fields)) == []
