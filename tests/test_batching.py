@@ -1,24 +1,32 @@
 """Continuous batching in the llama worker (node/backends/batching.py).
 
 Product-level tests drive a real node through the official `openai` client; the
-smollm2 gallery entry runs 4 slots. Greedy decoding makes "the same text as alone" exact.
-The text-stream unit tests at the end need no model.
+smollm2 gallery entry runs 4 slots. Greedy decoding, and sampling with a seed (each
+request has its own sampler chain), make "the same text as alone" exact. Concurrency and
+chunked prefill are read from the order in which tokens reach the clients, and a
+cancellation from the worker's own account of the request (its DEBUG log line "request
+done (cancelled): ... N generated"). The text-stream unit tests at the end need no model.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import threading
 import time
+import uuid
 
 import httpx
 import openai
 import pytest
 
-from node.backends.batching import TextStream, common_prefix
+from node.backends.batching import PREFILL_CHUNK, TextStream, common_prefix
 from tests.procs import MeshNode
 
 CHAT = "smollm2-135m-instruct"
 TOKENS = 32
+NO_EOS = {"0": -100, "2": -100}   # <|endoftext|>, <|im_end|>: such a stream runs to max_tokens
+SAMPLED = dict(temperature=0.9, top_p=0.95, presence_penalty=0.3)
 QUESTIONS = ["Write a short poem about the sea.", "What is the capital of France?",
              "Explain photosynthesis in two sentences.", "Tell me a joke about cats."]
 
@@ -29,7 +37,8 @@ def ask(content: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    n = MeshNode(tmp_path_factory.mktemp("batching"), ["--model", CHAT, "--no-mdns"]).start()
+    n = MeshNode(tmp_path_factory.mktemp("batching"), ["--model", CHAT, "--no-mdns"],
+                 env={"MESH_LOG_LEVEL": "DEBUG"}).start()     # the worker's own log lines
     try:
         n.wait_ready()
         yield n
@@ -47,47 +56,64 @@ def worker(node) -> dict:
     return next(m for m in me["models"] if m["id"] == CHAT)
 
 
-def alone(client, messages, max_tokens=TOKENS):
+def alone(client, messages, max_tokens=TOKENS, **params):
+    params = params or {"temperature": 0}
     r = client.chat.completions.create(model=CHAT, messages=messages, max_tokens=max_tokens,
-                                       temperature=0)
+                                       **params)
     return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
 
 
 class Stream(threading.Thread):
-    """One streaming chat request on its own thread; `stop_after` closes it early."""
+    """One streaming chat request on its own thread, noting when each content chunk
+    arrives; `stop_after` closes it after that many chunks, `quit` when it is set."""
 
-    def __init__(self, client, messages, *, max_tokens=TOKENS, stop_after=None):
+    def __init__(self, client, messages, *, max_tokens=TOKENS, stop_after=None, **params):
         super().__init__(daemon=True)
         self.client, self.messages = client, messages
         self.max_tokens, self.stop_after = max_tokens, stop_after
+        self.params = params or {"temperature": 0}
         self.text, self.finish, self.usage, self.error = "", None, None, None
+        self.arrivals: list[float] = []
         self.first = threading.Event()
-        self.t_start = self.t_end = None
+        self.quit = threading.Event()
 
     def run(self):
-        self.t_start = time.monotonic()
         try:
             with self.client.chat.completions.create(
                     model=CHAT, messages=self.messages, max_tokens=self.max_tokens,
-                    temperature=0, stream=True,
-                    stream_options={"include_usage": True}) as stream:
-                n = 0
+                    stream=True, stream_options={"include_usage": True},
+                    **self.params) as stream:
                 for chunk in stream:
                     if chunk.usage is not None:
                         self.usage = chunk.usage
                     for c in chunk.choices:
                         if c.delta.content:
+                            self.arrivals.append(time.monotonic())
                             self.text += c.delta.content
-                            n += 1
                             self.first.set()
                         self.finish = c.finish_reason or self.finish
-                    if self.stop_after is not None and n >= self.stop_after:
+                    if self.quit.is_set() or (self.stop_after is not None
+                                              and len(self.arrivals) >= self.stop_after):
                         break  # leaving the `with` closes the connection
-        except Exception as exc:  # reported by the test
+        except Exception as exc:  # the test asserts error is None, so nothing is lost
             self.error = exc
         finally:
-            self.t_end = time.monotonic()
             self.first.set()
+
+
+def most_at_once(streams) -> int:
+    """The most streams that were between their first and last token at one moment."""
+    edges = sorted([(s.arrivals[0], 1) for s in streams] + [(s.arrivals[-1], -1) for s in streams])
+    now = best = 0
+    for _, step in edges:           # at equal times an end (-1) sorts before a start
+        now += step
+        best = max(best, now)
+    return best
+
+
+def cancelled_lines(node) -> list[str]:
+    """The worker's log lines of requests it ended because they were cancelled."""
+    return re.findall(r"request done \(cancelled\): .*", node.log_tail(10**8))
 
 
 def run_all(streams, timeout=300):
@@ -110,8 +136,10 @@ def test_concurrent_streams_are_independent_and_match_alone(client, node):
         assert s.text == text, (s.messages, s.text, text)
         assert s.finish == finish and s.usage.completion_tokens == n
         assert s.usage.total_tokens == s.usage.prompt_tokens + s.usage.completion_tokens
-    # they really ran side by side: the first four overlapped in time
-    assert max(s.t_start for s in streams[:4]) < min(s.t_end for s in streams[:4])
+    # they really ran side by side: four streams (the slots) were receiving tokens at one
+    # moment; a server running one request at a time gives one
+    assert all(len(s.arrivals) >= 2 for s in streams), [len(s.arrivals) for s in streams]
+    assert most_at_once(streams) >= 4, [(s.arrivals[0], s.arrivals[-1]) for s in streams]
     w = worker(node)
     assert w["in_flight"] == 0
 
@@ -132,6 +160,25 @@ def test_greedy_same_batched_as_alone(client):
     again = client.completions.create(model=CHAT, prompt=prompt, max_tokens=16, temperature=0)
     side.join(300)
     assert again.choices[0].text == one.choices[0].text
+
+
+def test_sampled_same_batched_as_alone(client):
+    """Temperature > 0 with a seed: each request's own sampler chain (penalties, top-p,
+    temperature, dist(seed)) picks from its own row of the batch, so four requests side
+    by side get the text each gets alone."""
+    seeds = {q: 100 + i for i, q in enumerate(QUESTIONS)}
+    expected = {q: alone(client, ask(q), max_tokens=40, seed=seeds[q], **SAMPLED)[0]
+                for q in QUESTIONS}
+    # sampling is in effect: other seeds give other texts
+    others = {q: alone(client, ask(q), max_tokens=40, seed=seeds[q] + 1000, **SAMPLED)[0]
+              for q in QUESTIONS}
+    assert any(others[q] != expected[q] for q in QUESTIONS), "the seed changed nothing"
+    streams = [Stream(client, ask(q), max_tokens=40, seed=seeds[q], **SAMPLED)
+               for q in QUESTIONS]
+    run_all(streams)
+    assert most_at_once(streams) >= 2, "the requests did not share a batch"
+    for s in streams:
+        assert s.text == expected[s.messages[0]["content"]], (s.messages, s.text)
 
 
 def test_second_turn_reuses_the_prompt_cache(client):
@@ -155,20 +202,61 @@ def test_second_turn_reuses_the_prompt_cache(client):
 def test_closing_one_stream_leaves_the_others_intact(client, node):
     long_q = ask("Write a long story about a dragon who learns to cook.")
     expected = {q: alone(client, ask(q), max_tokens=48)[0] for q in QUESTIONS[:3]}
-    quitter = Stream(client, long_q, max_tokens=400, stop_after=3)
+    before = len(cancelled_lines(node))
+    # the quitter cannot end by itself before 1500 tokens (no end-of-text token)
+    quitter = Stream(client, long_q, max_tokens=1500, stop_after=3, temperature=0,
+                     logit_bias=NO_EOS)
     others = [Stream(client, ask(q), max_tokens=48) for q in QUESTIONS[:3]]
     quitter.start()
-    quitter.first.wait(120)
+    assert quitter.first.wait(120)
     run_all(others)
     quitter.join(60)
-    assert quitter.error is None and len(quitter.text) > 0
+    assert quitter.error is None and len(quitter.arrivals) == 3
     for s in others:
         assert s.text == expected[s.messages[0]["content"]]
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and (worker(node)["in_flight"] or worker(node).get("busy")):
+    # the worker itself ended the quitter: it says so, long before its 1500 tokens
+    deadline = time.monotonic() + 120
+    while len(cancelled_lines(node)) == before:
+        assert time.monotonic() < deadline, "the worker never ended the closed stream"
         time.sleep(0.1)
-    w = worker(node)
-    assert w["in_flight"] == 0 and not w.get("busy"), w
+    (line,) = cancelled_lines(node)[before:]
+    generated = int(re.search(r"(\d+) generated", line).group(1))
+    assert 3 <= generated < 1500, line
+    deadline = time.monotonic() + 30
+    while (w := worker(node))["in_flight"] or w.get("busy"):
+        assert time.monotonic() < deadline, w
+        time.sleep(0.1)
+
+
+def test_a_long_prompt_does_not_stall_running_streams(client, node):
+    """A long prompt is read PREFILL_CHUNK tokens per step while others generate: a
+    running stream gets a token at each of those steps, so it receives at least one token
+    per chunk between the long request's submission and its first token (read whole in
+    one step, the stream would get one or two)."""
+    running = Stream(client, ask("Write a long story about a dragon who learns to cook."),
+                     max_tokens=1500, temperature=0, logit_bias=NO_EOS)
+    running.start()
+    assert running.first.wait(120)
+    prompt = f"{uuid.uuid4().hex} " + "The quick brown fox jumps over the lazy dog. " * 130
+    try:
+        sent = time.monotonic()
+        first = None
+        usage = None
+        for chunk in client.completions.create(model=CHAT, prompt=prompt, max_tokens=2,
+                                               temperature=0, stream=True,
+                                               stream_options={"include_usage": True}):
+            if first is None and chunk.choices and chunk.choices[0].text:
+                first = time.monotonic()
+            usage = chunk.usage or usage
+    finally:
+        running.quit.set()
+    running.join(120)
+    assert running.error is None and first is not None and usage is not None
+    chunks = math.ceil(usage.prompt_tokens / PREFILL_CHUNK)
+    assert usage.prompt_tokens > 4 * PREFILL_CHUNK, usage
+    assert running.arrivals[-1] > first, "the running stream ended during the prefill"
+    during = [t for t in running.arrivals if sent < t < first]
+    assert len(during) >= chunks - 1, (len(during), chunks, usage.prompt_tokens)
 
 
 # -------------------------------------------------------------- no model

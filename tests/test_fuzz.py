@@ -1,7 +1,8 @@
 """Fuzzing the whole HTTP API from its own /openapi.json with schemathesis, on a real node
 with a real model: no 5xx, no hang (every request has a deadline), every error in
 OpenAI's shape. The node has its own home and models dir (hard links of the shared
-model files), since the fuzzer may unload, remove, or create keys."""
+model files, installed first by the module's fixture), since the fuzzer may unload,
+remove, or create keys."""
 
 from __future__ import annotations
 
@@ -15,17 +16,24 @@ import httpx
 import pytest
 
 from tests.procs import MeshNode, models_dir
+from tests.test_models_cli import install_models
 
 CHAT = "smollm2-135m-instruct"
 
 
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    install_models(tmp_path_factory.mktemp("install") / "home", CHAT)
+    return models_dir() / CHAT
+
+
 @pytest.mark.timeout(900)
-def test_schemathesis_finds_no_server_error(tmp_path):
+def test_schemathesis_finds_no_server_error(tmp_path, installed):
     st = shutil.which("schemathesis", path=os.path.dirname(sys.executable))
     if st is None:
         pytest.skip("schemathesis is not installed (it is in the [test] extra)")
     mine = tmp_path / "models"
-    shutil.copytree(models_dir() / CHAT, mine / CHAT, copy_function=os.link)
+    shutil.copytree(installed, mine / CHAT, copy_function=os.link)
     node = MeshNode(tmp_path / "home", ["--model", CHAT, "--no-mdns", "--models-dir", str(mine)],
                     env={"MESH_MAX_TOKENS": "16", "MESH_MAX_BODY_MB": "1"}).start().wait_ready()
     try:

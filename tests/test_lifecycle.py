@@ -14,6 +14,7 @@ import pytest
 from tests.procs import MeshNode, run_cli
 
 CHAT = "smollm2-135m-instruct"
+NO_EOS = {"0": -100, "2": -100}   # <|endoftext|>, <|im_end|>: the stream outlasts the shutdown
 
 
 def test_unknown_model_is_one_readable_line(tmp_path):
@@ -36,15 +37,17 @@ def test_clean_shutdown_under_open_stream(tmp_path, sig):
     client = openai.OpenAI(base_url=node.v1, api_key="x", max_retries=0, timeout=30)
     got_first = threading.Event()
     ended = threading.Event()
+    outcome = {}
 
     def reader():
         try:
             for chunk in client.chat.completions.create(
                     model=CHAT, messages=[{"role": "user", "content": "Tell a very long story."}],
-                    max_tokens=4000, stream=True):
+                    max_tokens=1900, temperature=0, logit_bias=NO_EOS, stream=True):
                 got_first.set()
-        except Exception:
-            pass
+            outcome["end"] = "the stream ended as if complete"
+        except (openai.APIError, httpx.HTTPError) as exc:   # anything else fails the thread
+            outcome["end"] = exc
         finally:
             ended.set()
 
@@ -57,5 +60,10 @@ def test_clean_shutdown_under_open_stream(tmp_path, sig):
     assert code == 0, node.log_tail()
     assert took < 5, f"shutdown took {took:.1f}s"
     assert ended.wait(5), "the client's stream never ended"
+    # it ended with an error event the client reads (the official client raises APIError
+    # on it), not with a cut connection or as if the story were complete
+    end = outcome.get("end")
+    assert isinstance(end, openai.APIError) and not isinstance(end, openai.APIConnectionError), end
+    assert end.message
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert "Traceback" not in node.log_tail(100000)

@@ -1,8 +1,13 @@
-"""Three `mesh up` processes on 127.0.0.1 sharing one token; only node A has models."""
+"""Three `mesh up` processes on 127.0.0.1 sharing one token; only node A has models.
+
+A logs at DEBUG, so its worker's own account of each request it ends ("request done
+(cancelled): ... N generated") is in A's log.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 
@@ -53,7 +58,7 @@ def mesh(tmp_path_factory, token):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     a = MeshNode(tmp / "a", ["--name", "a", "--token", token, "--no-mdns",
-                             "--p2p-port", str(port)]).start()
+                             "--p2p-port", str(port)], env={"MESH_LOG_LEVEL": "DEBUG"}).start()
     a_addr = a.wait_for(r"mesh: p2p (/ip4/127\.0\.0\.1/\S+)").group(1)
     a.wait_ready()
     # b names a by DNS and without its peer id, as compose-cluster.yml does
@@ -62,10 +67,10 @@ def mesh(tmp_path_factory, token):
                              "--peer", b_peer]).start().wait_ready()
     c = MeshNode(tmp / "c", ["--name", "c", "--no-models", "--no-mdns", "--peer", a_addr],
                  env={"MESH_TOKEN": token}).start().wait_ready()
-    nodes = {"a": a, "b": b, "c": c, "a_addr": a_addr, "tmp": tmp}
+    nodes = {"a": a, "b": b, "c": c, "a_addr": a_addr, "tmp": tmp, "token": token}
     yield nodes
-    for n in (a, b, c):
-        n.stop()
+    for n in ("a", "b", "c"):      # a test may have replaced a node by its restarted self
+        nodes[n].stop()
 
 
 def test_all_nodes_see_each_other(mesh):
@@ -138,51 +143,98 @@ def test_constraints_travel_with_a_proxied_request(mesh):
     assert call.function.name == "paint" and set(json.loads(call.function.arguments)) == {"colour", "count"}
 
 
+NO_EOS = {"0": -100, "2": -100}   # <|endoftext|>, <|im_end|>: such a stream runs to max_tokens
+
+
+def cancelled_lines(node) -> list[str]:
+    """The worker's log lines of requests it ended because they were cancelled."""
+    return re.findall(r"request done \(cancelled\): .*", node.log_tail(10**8))
+
+
 def test_disconnect_through_the_proxy_cancels_on_the_peer(mesh):
+    a = mesh["a"]
+    before = len(cancelled_lines(a))
     client = openai.OpenAI(base_url=mesh["c"].v1, api_key="x", max_retries=0)
-    with client.chat.completions.create(model=CHAT, stream=True, max_tokens=2000, messages=[
+    with client.chat.completions.create(model=CHAT, stream=True, max_tokens=1900,
+                                        temperature=0, logit_bias=NO_EOS, messages=[
             {"role": "user", "content": "Write a very long story."}]) as stream:
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 break
+    # A's worker ends the request because it was cancelled (left alone it would end
+    # after 1900 tokens, as "length"), then its slot is free
+    deadline = time.monotonic() + 120
+    while len(cancelled_lines(a)) == before:
+        assert time.monotonic() < deadline, "A's worker never ended the closed stream"
+        time.sleep(0.1)
+    (line,) = cancelled_lines(a)[before:]
+    assert int(re.search(r"(\d+) generated", line).group(1)) < 1900, line
 
     def idle():
-        me = httpx.get(mesh["a"].api + "/mesh/status").json()["nodes"][0]
-        return all(m["in_flight"] == 0 for m in me["models"])
-    assert eventually(idle, timeout=3)
+        me = httpx.get(a.api + "/mesh/status").json()["nodes"][0]
+        return all(m["in_flight"] == 0 and not m.get("busy") for m in me["models"])
+    assert eventually(idle, timeout=30)
 
 
 def test_wrong_token_is_refused(mesh, tmp_path):
     other = run_cli("token").stdout.strip()
+    # d holds another token; e, started beside it the same way, holds the right one: what
+    # e sees once it joined is what d would see, had the mesh admitted it
     d = MeshNode(tmp_path / "d", ["--name", "d", "--no-models", "--token", other, "--no-mdns",
-                                  "--peer", mesh["a_addr"]]).start().wait_ready()
+                                  "--peer", mesh["a_addr"]]).start()
+    e = MeshNode(tmp_path / "e", ["--name", "e", "--no-models", "--token", mesh["token"],
+                                  "--no-mdns", "--peer", mesh["a_addr"]]).start()
     try:
+        d.wait_ready(), e.wait_ready()
         assert eventually(lambda: status(mesh["a"])["self"]["denied"] > 0, timeout=10)
+        ok = {"model": CHAT, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+
+        def chat_on_e():
+            r = httpx.post(e.v1 + "/chat/completions", json=ok, timeout=60)
+            return r if r.status_code == 200 else None
+        served = eventually(chat_on_e, timeout=30)
+        assert served is not None, "e, holding the right token, never got a's model"
+        assert served.headers["x-mesh-node"] == "a"
+        assert eventually(lambda: "e" in names(mesh["a"]), timeout=10)
+        # by now d, had it been admitted, would see a and its model as e does
         for n in ("a", "b", "c"):
             assert "d" not in {x["name"] for x in status(mesh[n])["nodes"]}
         assert {x["name"] for x in status(d)["nodes"]} == {"d"}
-        r = httpx.post(d.v1 + "/chat/completions", timeout=30, json={
-            "model": CHAT, "messages": [{"role": "user", "content": "hi"}]})
+        r = httpx.post(d.v1 + "/chat/completions", timeout=30, json=ok)
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert "different mesh token" in mesh["a"].log_tail(10**6)
         assert "Traceback" not in d.log_tail(10**6)
     finally:
-        d.stop()
+        d.stop(), e.stop()
 
 
 def test_killed_serving_node_leaves_and_comes_back_with_same_id(mesh):
     a, c = mesh["a"], mesh["c"]
     a_id = status(a)["self"]["id"]
     a.stop(sig=9)
-    t0 = time.monotonic()
+
+    def a_out_of_routing(n):
+        return all(x["state"] != "alive" for x in status(mesh[n])["nodes"] if x["name"] == "a")
     for n in ("b", "c"):
-        assert eventually(lambda: "a" not in names(mesh[n]), timeout=5), names(mesh[n])
-    assert time.monotonic() - t0 < 5
+        assert eventually(lambda: a_out_of_routing(n), timeout=15), status(mesh[n])["nodes"]
     client = openai.OpenAI(base_url=c.v1, api_key="x", max_retries=0, timeout=20)
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as ei:
         client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}])
-    a.start()
+    assert ei.value.body["code"] == "model_not_found"
+    # a new MeshNode on the same home: the killed process's stdout reader may still see
+    # its pipe close (its worker holds the pipe a moment longer)
+    a = mesh["a"] = MeshNode(a.home, a.args, env=a.env).start()
     a.wait_for(r"mesh: p2p ")
     a.wait_ready()
     assert status(a)["self"]["id"] == a_id
-    assert eventually(lambda: "a" in names(c), timeout=15)
-    assert eventually(lambda: CHAT in {m["id"] for m in httpx.get(c.v1 + "/models").json()["data"]})
+    assert eventually(lambda: "a" in names(c), timeout=30)
+
+    def chat_on_c():
+        try:
+            return client.chat.completions.with_raw_response.create(
+                model=CHAT, max_tokens=3, messages=[{"role": "user", "content": "hi"}])
+        except openai.NotFoundError:     # c has not had a's model back yet
+            return None
+    r = eventually(chat_on_c, timeout=30)
+    assert r is not None and r.headers["x-mesh-node"] == "a", "c never routed to a again"
+    assert r.parse().choices[0].message.content

@@ -1,4 +1,8 @@
-"""Model management as a user does it: `mesh gallery/install/models/load/unload/remove`."""
+"""Model management as a user does it: `mesh gallery/install/models/load/unload/remove`.
+
+The module installs what it needs first (`install_models`: through a node, with `mesh
+install`, into the shared models directory), so it passes alone.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import hashlib
 import http.server
 import json
 import threading
+import time
 
 import httpx
 import openai
@@ -16,17 +21,45 @@ import yaml
 from tests.procs import MeshNode, models_dir, run_cli
 
 GGUF = "smollm2-135m-instruct"
+PIECES = 16          # the origin sends a file in 16 pieces,
+PAUSE_S = 0.1        # 0.1 s apart: a slow link, so a download outlasts the node's 0.25 s
+                     # between progress reports
+
+
+def install_models(home, *model_ids: str) -> None:
+    """The models installed in the shared models directory, as a user installs them: a
+    node with no model of its own, `mesh install ID` for each (quick when it is there)."""
+    n = MeshNode(home, ["--no-models", "--no-mdns"]).start().wait_ready()
+    try:
+        for model_id in model_ids:
+            r = run_cli("install", model_id, "--url", n.api, timeout=1800)
+            assert r.returncode == 0, r.stderr
+    finally:
+        n.stop()
 
 
 @pytest.fixture(scope="module")
-def file_server():
-    """A local HTTP server holding the real SmolLM2 GGUF (the 'origin' of a model)."""
-    src = models_dir() / GGUF
-    class Quiet(http.server.SimpleHTTPRequestHandler):
+def installed(tmp_path_factory):
+    install_models(tmp_path_factory.mktemp("install") / "home", GGUF)
+    return models_dir() / GGUF
+
+
+@pytest.fixture(scope="module")
+def file_server(installed):
+    """A local HTTP server holding the real SmolLM2 GGUF (the 'origin' of a model), slow."""
+    class SlowQuiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
-    handler = functools.partial(Quiet, directory=str(src))
+        def copyfile(self, source, outputfile):
+            data = source.read()
+            step = -(-len(data) // PIECES)
+            for i in range(0, len(data), step):
+                outputfile.write(data[i:i + step])
+                outputfile.flush()
+                time.sleep(PAUSE_S)
+
+    handler = functools.partial(SlowQuiet, directory=str(installed))
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}"
@@ -34,9 +67,9 @@ def file_server():
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory, file_server):
+def node(tmp_path_factory, file_server, installed):
     tmp = tmp_path_factory.mktemp("models-cli")
-    gguf = next((models_dir() / GGUF).glob("*.gguf"))
+    gguf = next(installed.glob("*.gguf"))
     sha = hashlib.sha256(gguf.read_bytes()).hexdigest()
     index = tmp / "my-index.yaml"
     index.write_text(yaml.safe_dump({"version": 1, "models": [{
@@ -49,6 +82,7 @@ def node(tmp_path_factory, file_server):
                                 "--gallery", str(index)]).start()
     n.api = n.wait_for(r"mesh: api (\S+)/v1").group(1)
     n.wait_for(r"mesh: ready")
+    n.gguf_size = gguf.stat().st_size
     yield n
     n.stop()
 
@@ -80,8 +114,13 @@ def test_install_job_reports_progress(node):
             if line.startswith("data: "):
                 seen.append(json.loads(line[6:]))
     assert seen[-1]["state"] == "done", seen[-1]
-    done = [s["bytes_done"] for s in seen if s["state"] == "downloading"]
+    size = node.gguf_size
+    downloading = [s for s in seen if s["state"] == "downloading"]
+    done = [s["bytes_done"] for s in downloading]
+    assert any(0 < d < size for d in done), f"no report between the first and last byte: {done}"
     assert done == sorted(done)
+    assert all(s["bytes_total"] == size for s in downloading), downloading
+    assert seen[-1]["bytes_done"] == size
     assert httpx.get(f"{node.api}/mesh/jobs/{job['id']}").json()["state"] == "done"
     assert httpx.get(f"{node.api}/mesh/jobs/nope").status_code == 404
 
