@@ -12,11 +12,14 @@ NodeState keeps arriving. Rules, with ``TICK`` = the gossip period (1 s, mesh/p2
   ``last_seen``; an older or repeated one changes nothing while the peer is alive (a late
   relay is not news). A suspect peer takes any state: a node restarted with its clock
   set back sends lower seqs, and must not be ignored until they catch up.
-- Unseen for ``SUSPECT_AFTER`` = 3 ticks: ``suspect``, out of routing (design brief).
+- Unseen for 3 of the peer's own heartbeat periods (``suspect_after``: ``SUSPECT_AFTER``
+  = 3 ticks while it announces the 1 s tick; large meshes pace their gossip and announce
+  a longer ``period``, mesh/p2p/gossip.py): ``suspect``, out of routing (design brief).
 - Losing the last connection to a peer makes it suspect at once: it cannot be routed to
   until it is back, which the next state shows (a restarted node's ``seq`` continues,
   see gossip).
-- Unseen for ``DROP_AFTER`` = 30 s and not connected: dropped from the view.
+- Unseen for ``DROP_AFTER`` = 30 s (or 10 of the peer's periods, if longer) and not
+  connected: dropped from the view.
 - RTT: an exponentially weighted mean of the ``/mesh/ping/1`` round trips
   (``RTT_ALPHA`` = 0.3 weights the newest sample; a ping every 2 s settles in ~5 pings).
 
@@ -37,7 +40,8 @@ from mesh.wire.state import NodeState
 
 __all__ = [
     "TICK", "SUSPECT_AFTER", "DROP_AFTER", "RTT_ALPHA", "Status", "Peer", "Membership",
-    "StateSeen", "RttMeasured", "Connected", "Disconnected", "Tick", "Event", "apply", "status_node", "View",
+    "StateSeen", "RttMeasured", "Connected", "Disconnected", "Tick", "Event", "apply", "suspect_after",
+    "drop_after", "status_node", "View",
 ]
 
 TICK = 1.0
@@ -46,6 +50,15 @@ DROP_AFTER = 30.0
 RTT_ALPHA = 0.3
 
 Status = Literal["alive", "suspect"]
+
+
+def suspect_after(state: NodeState) -> float:
+    """Seconds unheard before a peer that sent ``state`` is suspect: 3 of its periods."""
+    return SUSPECT_AFTER * max(1.0, state.period / TICK)
+
+
+def drop_after(state: NodeState) -> float:
+    return max(DROP_AFTER, 10 * state.period)
 
 
 @dataclass(frozen=True)
@@ -150,10 +163,10 @@ def apply(m: Membership, ev: Event) -> Membership:
         peers: dict[str, Peer] = {}
         for pid, p in m.peers.items():
             age = ev.now - p.last_seen
-            if age > DROP_AFTER and not p.connected:
+            if age > drop_after(p.state) and not p.connected:
                 changed = True
                 continue
-            if age > SUSPECT_AFTER and p.status == "alive":
+            if age > suspect_after(p.state) and p.status == "alive":
                 p = replace(p, status="suspect")
                 changed = True
             peers[pid] = p

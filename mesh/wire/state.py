@@ -85,6 +85,9 @@ class NodeState(_Wire):
     addrs: list[str] = Field(default_factory=list)   # full multiaddrs incl /p2p/<id>
     seq: int = Field(0, ge=0)                    # grows per message (stamped by gossip)
     ts: float = 0.0                              # sender's wall clock, seconds since epoch
+    # s between two of the sender's heartbeats (mesh/p2p/gossip.py Pacer, stamped by
+    # gossip); receivers suspect it after 3 periods. Older senders send none: 1 s.
+    period: float = Field(1.0, gt=0, le=3600)
     ram_total: int = Field(0, ge=0)
     ram_free: int = Field(0, ge=0)
     vram_total: int = Field(0, ge=0)
@@ -93,7 +96,10 @@ class NodeState(_Wire):
     models: list[ModelState] = Field(default_factory=list)
     load: float = 0.0                            # e.g. 1-minute load average / cores
     open: bool = False                           # no API keys and listening beyond loopback
-    keys: list[dict[str, Any]] = Field(default_factory=list)  # API key records (mesh/keys.py): hashes, never secrets
+    # API key records (mesh/keys.py): hashes, never secrets. Sent when the ring changed,
+    # to new peers and every 30 s (mesh/p2p/gossip.py KeyCarry); empty means "not sent
+    # this time", never "no keys" (merging is monotonic).
+    keys: list[dict[str, Any]] = Field(default_factory=list)
     extra: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -1,0 +1,1 @@
+"""Discrete-event simulator of the mesh (see bench/sim/sim.py)."""
