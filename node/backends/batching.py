@@ -347,7 +347,9 @@ class BatchScheduler:
 
     def stats(self) -> dict[str, Any]:
         return {"busy": self.busy, "queued": self.queued, "slots": len(self.slots),
-                "tokens_per_s": round(self.tokens_per_s, 2)}
+                "tokens_per_s": round(self.tokens_per_s, 2),
+                "kv_used": sum(len(s.cache) for s in self.slots),     # cells holding KV
+                "kv_size": self.n_ctx_slot * len(self.slots)}
 
     def close(self) -> None:
         with self._cv:
