@@ -62,7 +62,8 @@ def test_clean_shutdown_under_open_stream(tmp_path, sig):
     assert ended.wait(5), "the client's stream never ended"
     # it ended with an error event the client reads (the official client raises APIError
     # on it), not with a cut connection or as if the story were complete
-    end = outcome.get("end")
+    assert "end" in outcome, "the stream broke with another exception (its traceback is above)"
+    end = outcome["end"]
     assert isinstance(end, openai.APIError) and not isinstance(end, openai.APIConnectionError), end
     assert end.message
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
