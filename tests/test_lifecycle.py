@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 
 import httpx
 import openai
@@ -54,11 +53,8 @@ def test_clean_shutdown_under_open_stream(tmp_path, sig):
     t = threading.Thread(target=reader, daemon=True)
     t.start()
     assert got_first.wait(60)
-    t0 = time.monotonic()
-    code = node.stop(sig, timeout=10)
-    took = time.monotonic() - t0
+    code = node.stop(sig, timeout=5)    # fails (and kills it) if it is still up after 5 s
     assert code == 0, node.log_tail()
-    assert took < 5, f"shutdown took {took:.1f}s"
     assert ended.wait(5), "the client's stream never ended"
     # it ended with an error event the client reads (the official client raises APIError
     # on it), not with a cut connection or as if the story were complete

@@ -5,7 +5,6 @@ and no secret reaches any log."""
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import openai
@@ -83,9 +82,7 @@ def test_keys_replicate_and_revocation_spreads(mesh):
     # Revocation on node 2 reaches node 1 within 3 s.
     r = run_cli("keys", "revoke", "bot", "--url", n2.api, "--key", admin)
     assert r.returncode == 0, r.stderr
-    t0 = time.monotonic()
     assert eventually(lambda: status_code(n1, bot) == 401, timeout=3, interval=0.05)
-    assert time.monotonic() - t0 < 3
     listing = json.loads(run_cli("keys", "list", "--json", "--url", n3.api, "--key", admin).stdout)
     assert {k["name"]: k["revoked"] for k in listing} == {"owner": False, "bot": True}
     # Without a key, every node refuses now.
