@@ -300,13 +300,19 @@ def test_the_serving_peer_refuses_a_forwarded_request_without_the_feature(mesh):
     # a forwarding node that sends no caller while the mesh has keys
     events = fake.ask(_b_id(mesh), _chat_head(None))
     assert isinstance(events[0], Failed) and events[0].error == "AuthError", events
-    # a caller whose features do not hold the request's
-    user_id = mesh["user"].split("-", 2)[1]
-    events = fake.ask(_b_id(mesh), _chat_head({"name": "user", "key_id": user_id,
-                                               "features": ["embeddings"]}))
+    # a key whose features, in B's own key ring, do not hold the request's: refused,
+    # whatever features the forwarding node claims for it
+    embedder = create_key(mesh["a"], "embedder", "embeddings", mesh["admin"])
+    until(lambda: httpx.get(mesh["b"].v1 + "/models", timeout=10,
+                            headers={"Authorization": f"Bearer {embedder}"}).status_code == 403,
+          "B knows the key (a 403 for a feature it lacks, not a 401)")
+    events = fake.ask(_b_id(mesh), _chat_head({"name": "embedder", "key_id":
+                                               embedder.split("-", 2)[1], "features": ["chat"]}))
     assert isinstance(events[0], Failed) and events[0].error == "PermissionDenied", events
     assert "chat" in events[0].message
-    # the same request with the feature is served: the refusals above were the checks
+    # the same request for a key that has the feature is served: the refusals above
+    # were the checks
+    user_id = mesh["user"].split("-", 2)[1]
     events = fake.ask(_b_id(mesh), _chat_head({"name": "user", "key_id": user_id,
                                                "features": ["chat"]}))
     assert isinstance(events[-1], Done) and "".join(
