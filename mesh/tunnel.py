@@ -74,6 +74,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import trio
 
 from mesh import bulk
@@ -113,7 +114,7 @@ SET_TENSOR = 6
 TENSOR_BYTES = 296           # sizeof(rpc_tensor): packed, GGML_MAX_SRC 10, GGML_MAX_NAME 64
 NAME_AT, NAME_LEN = 228, 64  # rpc_tensor.name
 SET_HEADER = 9 + TENSOR_BYTES + 1 + 8   # cmd, size | rpc_tensor | cache_flag | offset
-FILL_MIN = 4096              # data bytes below which a tensor is not worth a FILL
+FILL_MIN = 512               # data bytes below which a tensor is not worth a FILL (~330 B)
 FILL_MAX = 256 << 20         # SET_TENSOR messages above this stream through unchanged
 HOLD_MAX = 0.002             # s a fire-and-forget command may wait for company
 
@@ -254,6 +255,7 @@ class Requests:
         self._cmd = -1
         self._remaining = 0
         self._msg: bytearray | None = None
+        self._pos = 0
         self._kind = RAW
         self._flush = False
 
@@ -265,7 +267,7 @@ class Requests:
         """Everything whole so far; with `final` (EOF) whatever is left too."""
         if final:
             if self._msg is not None:
-                self._add(bytes(self._msg))
+                self._add(bytes(self._msg[:self._pos]))
                 self._msg = None
             self._add(self._header)
             self._header = b""
@@ -292,7 +294,8 @@ class Requests:
             if self._remaining:
                 step = min(self._remaining, n - i)
                 if self._msg is not None:
-                    self._msg += data[i:i + step]
+                    self._msg[self._pos:self._pos + step] = memoryview(data)[i:i + step]
+                    self._pos += step
                 else:
                     self._add(data[i:i + step])
                 i += step
@@ -323,7 +326,9 @@ class Requests:
                 self._add(header)
             else:
                 self._cut()                    # what came before goes first
-                self._msg = bytearray(header)
+                self._msg = bytearray(9 + size)
+                self._msg[:9] = header
+                self._pos = 9
             if size == 0:
                 self._end()
         if self._flush or self._raw_size >= BUFFER:
@@ -331,9 +336,25 @@ class Requests:
             return self.take()
         return None
 
+    def into(self) -> memoryview | None:
+        """Where the rest of a message being collected goes, for a `recv_into` (then
+        `received(n)`): a big upload lands in its buffer with no copy on the way."""
+        return memoryview(self._msg)[self._pos:] if self._msg is not None and self.enabled else None
+
+    def received(self, n: int) -> list[tuple[int, bytes]] | None:
+        """`n` bytes were written into `into()`; like `feed`."""
+        self._pos += n
+        self._remaining -= n
+        if self._remaining == 0:
+            self._end()
+        if self._flush:
+            self._flush = False
+            return self.take()
+        return None
+
     def _end(self) -> None:
         if self._msg is not None:
-            self._out.append((self._kind, bytes(self._msg)))
+            self._out.append((self._kind, self._msg))
             self._msg = None
         if self._cmd in RPC_ANSWERED:
             self._flush = True
@@ -357,10 +378,10 @@ class Compressor:
 
     def encode(self, msg: bytes, batch: list[bytes]) -> list[tuple[int, bytes]]:
         """Segments for one whole message; `batch` collects this batch's data (for SAME)."""
-        head = msg[:SET_HEADER] if msg[0] == SET_TENSOR and len(msg) >= SET_HEADER else msg
+        head = bytes(msg[:SET_HEADER] if msg[0] == SET_TENSOR and len(msg) >= SET_HEADER else msg)
         if len(head) > MAX_HEAD:
             return [(RAW, msg)]
-        data = msg[len(head):]
+        data = bytes(msg[len(head):])
         out: list[tuple[int, bytes]] = []
         hid = self._ids.get(head)
         if hid is None:
@@ -447,7 +468,8 @@ def match_fill(msg: bytes, model: ModelFile, mm) -> bytes | None:
     if offset + n > nbytes or start + offset + n > len(mm):
         return None
     at = start + offset
-    if mm[at:at + n] != memoryview(msg)[SET_HEADER:]:
+    if not np.array_equal(np.frombuffer(mm, np.uint8, n, at),      # no copies
+                          np.frombuffer(msg, np.uint8, n, SET_HEADER)):
         return None
     return _U32.pack(SET_HEADER) + msg[:SET_HEADER] + _FILL.pack(at, n)
 
@@ -594,13 +616,20 @@ async def _requests_to_channel(tcp: trio.SocketStream, chan, stats: TunnelStats,
 
     while True:
         data = None
+        view = batch.into()
         try:
-            if batch.holding:
+            if view is not None:              # a weight upload: straight into its buffer
+                n = await tcp.socket.recv_into(view)
+                if n:
+                    await send(batch.received(n) or [])
+                    continue
+                data = b""
+            elif batch.holding:
                 with trio.move_on_after(HOLD_MAX):
                     data = await tcp.receive_some(BUFFER)
             else:
                 data = await tcp.receive_some(BUFFER)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise _Broken(f"local socket: {exc}") from exc
         if data is None:                      # held long enough: send it
             await send(batch.take())
@@ -938,12 +967,17 @@ async def _pipe(stream, peer: str, chan, ep, fh) -> None:
             if int.from_bytes(prefix[1:9], "little") != plen - 9 + n:
                 raise bulk.ChannelBroken("FILL sizes do not add up")
             await tcp.send_all(prefix)
-            while n:
-                data = await trio.to_thread.run_sync(os.pread, fh.fileno(), min(n, BUFFER), at)
-                if not data:
+            while n:                          # page cache -> socket in the kernel
+                try:
+                    sent = os.sendfile(tcp.socket.fileno(), fh.fileno(), at, n)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(tcp.socket)
+                    continue
+                except OSError as exc:
+                    raise _Broken(f"local socket: {exc}") from exc
+                if sent == 0:
                     raise _Broken("the model file is shorter than a FILL asks")
-                await tcp.send_all(data)
-                at, n = at + len(data), n - len(data)
+                at, n = at + sent, n - sent
 
         client_done = False
 

@@ -30,6 +30,16 @@ back. The output slot still counts in `tensor_split` (`layers[-1] + 1`), so the 
 counts come out exact: split points `k/g` and llama.cpp's `t/g` are the same correctly
 rounded float divisions.
 
+Same answer, split or not. On this node's CPU llama.cpp repacks some quantized weights
+(Q4_K among them) into "extra buffer types" whose matmul kernels add in another order;
+an RPC server keeps weights in the plain CPU layout. So a split model's layers compute
+with other kernels than the same model unsplit, and a greedy generation may take another
+token after a few dozen (Qwen2.5-Coder-1.5B Q4_K_M did, SmolLM2 Q4_1 did not). A model
+config with `repack: false`, or MESH_REPACK=0 in the node's environment (its workers
+inherit it), keeps the plain layout here too (`use_extra_bufts = false`): unsplit and
+split then run the same kernels and answer the same greedy text (bench/rpc.py
+--no-repack: identical to direct TCP's split; with repacking: not).
+
 Server side. `ggml_backend_rpc_start_server(endpoint, cache_dir, n_threads, n_devices,
 devices)` blocks forever on the CPU device and serves one client at a time (others wait
 in its accept backlog). It has no authentication: it is only ever bound to loopback,
@@ -131,8 +141,13 @@ def split_params(mparams: Any, config: dict[str, Any]) -> SplitHandle | None:
 
     Registers the servers, sets `n_gpu_layers` (the servers' layers + the output slot) and
     `tensor_split`, and pins the output layer to the CPU; the first
-    `n_layer - sum(rpc_layers)` layers stay on this node.
-    None (and nothing touched) when the config names no RPC servers."""
+    `n_layer - sum(rpc_layers)` layers stay on this node. `repack: false` (split or not)
+    turns llama.cpp's weight repacking off. None when the config names no RPC servers."""
+    repack = config.get("repack")
+    if repack is None:
+        repack = os.environ.get("MESH_REPACK", "1").lower() not in ("0", "false", "no", "off")
+    if not repack:       # llama.cpp's plain CPU layout, as an RPC server holds weights
+        mparams.use_extra_bufts = False
     endpoints = list(config.get("rpc_servers") or [])
     if not endpoints:
         return None

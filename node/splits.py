@@ -120,7 +120,7 @@ class Splits:
                 nursery.start_soon(self._run, s, req)
 
     # ------------------------------------------------------------- internals
-    async def _offers(self, sha256: str | None) -> list[PeerOffer]:
+    async def _offers(self, sha256: str | None, exclude: frozenset[str]) -> list[PeerOffer]:
         """Every peer as placement sees it; eligible ones with a fresh link probe."""
         out = []
         for p in self.p2p.view.peers():
@@ -138,7 +138,7 @@ class Splits:
                 log.info("link probe of %s failed: %s", peer_id[-8:], exc.message)
         with trio.move_on_after(PROBE_TIMEOUT):
             async with trio.open_nursery() as nursery:
-                for o in eligible(out, self.p2p.peer_id):
+                for o in eligible(out, self.p2p.peer_id, exclude):
                     nursery.start_soon(one, o.peer_id)
         return [replace(o, rtt_ms=probes[o.peer_id].rtt_ms, mbps=probes[o.peer_id].mbps)
                 if o.peer_id in probes else o for o in out]
@@ -149,7 +149,7 @@ class Splits:
         info = await trio.to_thread.run_sync(model_info, str(installed.path))
         cfg = installed.config or {}
         n_ctx = int(cfg.get("context_size") or DEFAULT_CONTEXT) * max(1, int(cfg.get("parallel") or DEFAULT_PARALLEL))
-        peers = await self._offers(_sha256(installed))
+        peers = await self._offers(_sha256(installed), exclude)
         kw = dict(n_ctx=n_ctx, local_free=resources.read().ram_free, peers=peers, split=True,
                   me=self.p2p.peer_id, my_name=self.p2p.name, exclude=exclude,
                   local_limit=self.memory_limit)
