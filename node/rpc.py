@@ -43,7 +43,7 @@ split then run the same kernels and answer the same greedy text (bench/rpc.py
 Server side. `ggml_backend_rpc_start_server(endpoint, cache_dir, n_threads, n_devices,
 devices)` blocks forever on the CPU device and serves one client at a time (others wait
 in its accept backlog). It has no authentication: it is only ever bound to loopback,
-and peers reach it through `/mesh/rpc/1` (mesh/tunnel.py). It prints "Accepted client
+and peers reach it through `/mesh/rpc/2` (mesh/tunnel.py). It prints "Accepted client
 connection" / "Client connection closed" on stdout (flushed), which the parent reads
 (node/rpc_server.py). It ends only with its process.
 

@@ -1,9 +1,11 @@
 """Parent side of the llama.cpp RPC server this node lends (`offer_memory > 0`).
 
 `RpcServer.serve` runs `python -m node.rpc` (node/rpc.py is the child) bound to
-127.0.0.1 on a free port, with its tensor cache under `<home>/rpc-cache`, and restarts it
+127.0.0.1 on a free port, with its tensor cache under `<home>/rpc-cache` (llama.cpp keeps
+weights over 10 MiB there by hash and skips sending them on the next load; a lender that
+holds the model file gets every tensor from it instead: mesh/tunnel.py, FILL), and restarts it
 when it dies (back-off 0.2, 1, 3, 10 s while it keeps dying quickly). The port is never
-bound beyond loopback: peers reach the server only through `/mesh/rpc/1`
+bound beyond loopback: peers reach the server only through `/mesh/rpc/2`
 (mesh/tunnel.py), whose handler asks `endpoint()` where it is.
 
 Readiness: the server prints nothing when it starts listening, and a probe connection
