@@ -23,7 +23,8 @@ ticket, in clear, as its first 32 bytes. The server accepts a ticket once, withi
 TICKET_TTL, and hands the connection to the stream handler that issued it. The nonces
 never leave the Noise channel, so the ticket alone gives nothing: a thief who races the
 client to the port gets a connection on which it can neither read nor write a record (the
-server drops it at its first record), and the real client falls back to the libp2p stream.
+server drops it at its first record), and the real client, whose ticket is then spent,
+sees its session fail and moves on (another session or peer; nothing worse than a delay).
 A ticket names nothing (no path, no file): what the connection may do is what the issuing
 handler decided on the admitted stream.
 
