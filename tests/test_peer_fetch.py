@@ -127,10 +127,12 @@ def test_fetch_from_a_peer_and_refusals(tmp_path: Path, side_channel: bool) -> N
 
 
 def test_two_peers_share_the_work_and_a_liar_is_dropped(tmp_path: Path, caplog) -> None:
-    """a and c hold the file; b takes pieces from both. Then c's copy is wrong in every
-    piece: the joint copy fails, each is asked alone, c is dropped, a's copy is kept."""
+    """a and c hold the file; b takes pieces from both (c is asked first and serves on
+    libp2p streams only, so each takes some whatever the timing). Then c's copy is wrong
+    in every piece: the joint copy fails, each is asked alone, a's copy is kept. Then
+    both lie: each is dropped for this file and the fetch fails."""
     token = parse_token(new_token())
-    data = os.urandom(8 * 2**20)
+    data = os.urandom(16 * 2**20)
     sha = _fake_install(tmp_path / "a-models", "blob", "blob.bin", data)
     _fake_install(tmp_path / "c-models", "blob", "blob.bin", data)
     a_store, c_store = Store(tmp_path / "a-models"), Store(tmp_path / "c-models")
@@ -140,7 +142,21 @@ def test_two_peers_share_the_work_and_a_liar_is_dropped(tmp_path: Path, caplog) 
         async with node(tmp_path, token, "a", extra=advertisement(a_store)) as a, \
                 node(tmp_path, token, "c", [a.addrs[0]], extra=advertisement(c_store)) as c, \
                 node(tmp_path, token, "b", [a.addrs[0], c.addrs[0]]) as b, \
-                serving(a, a_store), serving(c, c_store):
+                serving(a, a_store) as a_bulk, serving(c, c_store, side_channel=False):
+            c_asked = trio.Event()
+            a_files = make_handler(a_store.find_file_by_sha256, a_store.models_dir,
+                                   bulk_server=a_bulk)
+            c_files = make_handler(c_store.find_file_by_sha256, c_store.models_dir)
+
+            async def a_after_c(stream, peer) -> None:
+                await c_asked.wait()
+                await a_files(stream, peer)
+
+            async def c_first(stream, peer) -> None:
+                c_asked.set()
+                await c_files(stream, peer)
+            a.set_handler(PROTOCOL, a_after_c)
+            c.set_handler(PROTOCOL, c_first)
             assert await b.view.wait_for(alive(a, c), 8)
             fetcher = MeshFileFetcher(b, piece=2**20)
             assert await fetcher.fetch(sha, len(data), tmp_path / "got", lambda n: None)
@@ -153,13 +169,18 @@ def test_two_peers_share_the_work_and_a_liar_is_dropped(tmp_path: Path, caplog) 
             for i in range(0, len(bad), 2**20):         # c now lies in every piece it sends
                 bad[i + 1] ^= 0xFF
             (tmp_path / "c-models" / "blob" / "blob.bin").write_bytes(bytes(bad))
+            c_asked = trio.Event()
             assert await fetcher.fetch(sha, len(data), tmp_path / "got2", lambda n: None)
             assert (tmp_path / "got2").read_bytes() == data and fetcher.source == "peer:a"
-            assert "peer c sent a copy of" in caplog.text and "dropped for this file" in caplog.text
+            assert "does not verify" in caplog.text and "asking each alone" in caplog.text
 
-            # nobody honest left: c alone is asked, lies, is dropped, and the fetch fails
+            # nobody honest left: each is asked alone, lies, is dropped; the fetch fails
             (tmp_path / "a-models" / "blob" / "blob.bin").write_bytes(bytes(bad))
+            c_asked = trio.Event()
             assert not await fetcher.fetch(sha, len(data), tmp_path / "got3", lambda n: None)
+            for name in ("a", "c"):
+                assert f"peer {name} sent a copy of {sha[:12]}" in caplog.text, caplog.text
+            assert caplog.text.count("dropped for this file") >= 2
 
     run(main)
 
