@@ -13,6 +13,7 @@ from tests.procs import MeshNode
 
 CHAT = "smollm2-135m-instruct"
 SLOTS = 4          # node/backends/llama.py DEFAULT_PARALLEL
+NO_END = {"0": -100, "2": -100}     # SmolLM2's <|endoftext|> and <|im_end|>
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,7 @@ def test_a_request_with_no_slot_in_time_gets_a_503_with_retry_after(node) -> Non
     def hog():
         with client.chat.completions.create(
                 model=CHAT, stream=True, max_tokens=3000, temperature=1.0,
+                logit_bias=NO_END,      # the story cannot end early and free its slot
                 messages=[{"role": "user", "content": "Tell a very long story."}]) as s:
             for i, _ in enumerate(s):
                 if i == 1:
