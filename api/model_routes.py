@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from quart import Blueprint, current_app
@@ -25,20 +26,31 @@ from mesh.errors import BadRequest, Conflict, NotFound
 bp = Blueprint("models", __name__)
 
 
-class ModelAction(BaseModel):
-    """Body of install/load/unload."""
+class Install(BaseModel):
+    """Body of install: each route takes only the fields it honours (extra is a 400)."""
     model_config = ConfigDict(extra="forbid")
     id: str
     load: bool = False
+
+
+class Load(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
     split: bool = False
+    force: bool = False        # split even a model that fits here (node/placement.py)
+
+
+class Unload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
 
 
 def _services():
     return current_app.config["MESH"]
 
 
-async def _body() -> ModelAction:
-    return await json_body(ModelAction, example=' like {"id": "smollm2"}')
+async def _body(model: type[BaseModel]) -> Any:
+    return await json_body(model, example=' like {"id": "smollm2"}')
 
 
 @bp.get("/mesh/gallery")
@@ -67,7 +79,7 @@ async def models():
 @bp.post("/mesh/models/install")
 async def install_model():
     svc = _services()
-    body = await _body()
+    body = await _body(Install)
     entry = resolve(svc.index, body.id)
     job = svc.jobs.start(entry, load=body.load)
     return json_response(job.to_dict(), status=202)
@@ -97,7 +109,11 @@ async def job_events(job_id: str):
 @bp.post("/mesh/models/load")
 async def load_model():
     svc = _services()
-    body = await _body()
+    body = await _body(Load)
+    if body.force and not body.split:
+        raise BadRequest("force only applies to a split (it overrides the refusal of a split "
+                         "that would be slower than loading here): add split", param="force",
+                         code="force_without_split")
     if body.split and svc.splits is None:
         raise BadRequest("splitting a model across nodes needs a mesh: start the node "
                          "with --token", param="split", code="split_unavailable")
@@ -106,7 +122,7 @@ async def load_model():
         raise NotFound(f"model {body.id!r} is not installed here; install it first "
                        f"(mesh install {body.id})", param="id", code="model_not_installed")
     if body.split:
-        worker = await svc.splits.load(installed)
+        worker = await svc.splits.load(installed, force=body.force)
         svc.notify_changed()
         return json_response(worker.describe())
     worker = await svc.load_model(installed)
@@ -116,7 +132,7 @@ async def load_model():
 @bp.post("/mesh/models/unload")
 async def unload_model():
     svc = _services()
-    body = await _body()
+    body = await _body(Unload)
     worker = svc.pool.find(body.id)
     if worker is None:
         raise NotFound(f"model {body.id!r} is not loaded here", param="id",

