@@ -46,10 +46,14 @@ BACKGROUND: ContextVar[bool] = ContextVar("background", default=False)
 
 
 def node_headers(call: Call | None = None) -> dict[str, str]:
-    """`x-mesh-node`: the node that served the request (a peer when proxied)."""
+    """`x-mesh-node`: the node that served the request (a peer when proxied), and
+    `x-mesh-route`: why it went there (mesh/router.py Target.reason)."""
     svc = services()
     node = call.served_by if call is not None and call.target.peer is not None else svc.node_name
-    return {"x-mesh-node": node}
+    out = {"x-mesh-node": node}
+    if call is not None and call.target.reason:
+        out["x-mesh-route"] = call.target.reason
+    return out
 
 
 def limit_tokens(n: int | None, param: str = "max_tokens") -> int | None:

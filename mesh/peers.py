@@ -61,7 +61,7 @@ def _by_name(p: Peer) -> dict[str, list[PeerCandidate]]:
         c = PeerCandidate(peer_id=p.peer_id, name=p.name, model=m.id, slots=max(m.slots, 1), busy=m.busy,
                           queued=m.queued, tokens_per_s=m.tokens_per_s,
                           rtt_ms=p.rtt_ms if p.rtt_ms is not None else 1e3, backend=m.backend,
-                          last_seen=p.last_seen)
+                          last_seen=p.last_seen, prefixes=frozenset(m.prefixes))
         for name in dict.fromkeys([m.id, *m.aliases]):
             out.setdefault(name, []).append(c)
     return out

@@ -22,6 +22,14 @@ Policy (``plan``):
    frozen peer costs one request at most ACK_S, not one per request for 3 s.
 5. Nobody has it: ModelNotFound listing what the mesh does serve.
 
+Affinity (mesh/prefix.py). A generation's prompt has a chain of prefix hashes; each node
+gossips the ones its slots hold. Before rule 2, the candidate holding the most of the
+prompt, if that is ``MIN_SAVED`` tokens more than this node holds, goes first when load
+is even: it has a free slot (in-flight counted from dispatch) and its wait is within
+``BALANCE`` of the least busy candidate's (SGLang's cache-aware rule: prefix when
+balanced, least busy when not). Each target carries the reason it was chosen
+(``Target.reason``: the API's ``x-mesh-route`` header, ``routes`` in /mesh/status).
+
 Retries: before a request's first event, an error of ``mesh.errors.RETRYABLE`` (no
 capacity, worker died, peer gone or silent) moves on to the next candidate; anything else
 (a bad request, the deadline) is the answer. After the first event there is no retry:
@@ -36,12 +44,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncContextManager, AsyncIterator, Protocol
 
 import trio
 
 from mesh.errors import RETRYABLE, BadRequest, MeshError, ModelNotFound, PeerSilent, Timeout
+from mesh.prefix import chain, saved
 from mesh.wire.inference import (BACKEND_OF, Done, Event, Failed, Generate, Heartbeat,
                                  Request, Result, error_from_failed, failed_from_error)
 
@@ -54,6 +64,8 @@ DEFAULT_TIMEOUT = 600.0
 DEFAULT_QUEUE_TIMEOUT = 30.0   # s an interactive generation may wait for a slot (llama-server
                                # queues without bound, Ollama answers 503 once its queue is
                                # full; a bound in time tells the client when to come back)
+MIN_SAVED = 64                 # estimated prompt tokens a peer must hold beyond us to be preferred
+BALANCE = 0.5                  # ... when its wait is within this of the least busy candidate's
 
 
 class LocalModel(Protocol):
@@ -71,6 +83,7 @@ class LocalBackend(Protocol):
 
     def find(self, model: str) -> LocalModel | None: ...
     def model_cards(self) -> list[dict[str, Any]]: ...
+    def prefixes(self, model_id: str) -> frozenset[int]: ...
     def open(self, model_id: str, request: Request) -> AsyncContextManager[AsyncIterator[Event]]: ...
 
 
@@ -86,6 +99,7 @@ class PeerCandidate:
     rtt_ms: float
     backend: str = "llama"
     last_seen: float = 0.0        # trio clock of the peer's latest gossiped state
+    prefixes: frozenset[int] = frozenset()   # prompt prefixes its slots hold (mesh/prefix.py)
 
 
 class PeerDirectory(Protocol):
@@ -108,6 +122,7 @@ class Target:
 
     model: str
     peer: PeerCandidate | None = None
+    reason: str = ""              # why it was chosen: local | prefix | least busy | ...
 
     @property
     def name(self) -> str:
@@ -170,29 +185,43 @@ class Router:
     queue_timeout: float | None = DEFAULT_QUEUE_TIMEOUT   # Generate.max_wait (interactive)
     in_flight_to: dict[str, int] = field(default_factory=dict)
     silent_since: dict[str, float] = field(default_factory=dict)
+    affinity: bool = True         # prefix-affine routing (module note: Affinity)
+    routes: Counter = field(default_factory=Counter)   # requests started, by Target.reason
 
     # ------------------------------------------------------------- ranking
-    def plan(self, model: str, *, proxied: bool = False, kind: str = "generate") -> list[Target]:
-        """Candidates for `model`, best first (module note: Policy)."""
+    def plan(self, model: str, *, proxied: bool = False, kind: str = "generate",
+             links: list[tuple[int, int]] | None = None) -> list[Target]:
+        """Candidates for `model`, best first (module note: Policy, Affinity). `links`:
+        the request's prefix chain (mesh/prefix.py chain)."""
         need = BACKEND_OF.get(kind)
         local = self.local.find(model)
         if local is not None and local.state in ("loading", "loaded"):
             _check_backend(local.id, local.backend, need)
-            here = Target(model=local.id)
+            here = Target(model=local.id, reason="local")
             if proxied or not self._meshed():
                 return [here]
             remote = self.rank(local.id)
-            if local.in_flight < max(local.slots, 1) or not remote:
+            if not remote:
                 return [here]
             mine = local.in_flight / max(local.slots, 1)
-            if all(self.wait(p) >= mine for p in remote):
+            others = [Target(model=p.model, peer=p, reason="least busy") for p in remote]
+            if links and self.affinity:
+                hit = self._affine(links, remote, saved(links, self.local.prefixes(local.id)), mine)
+                if hit is not None:
+                    return [hit, *(t for t in others if t.peer is not hit.peer), here]
+            if local.in_flight < max(local.slots, 1) or all(self.wait(p) >= mine for p in remote):
                 return [here]
-            return [Target(model=p.model, peer=p) for p in remote] + [here]
+            return [*others, replace(here, reason="local, after the peers")]
         if not proxied and self._meshed():
             remote = self.rank(model)
             if remote:
                 _check_backend(remote[0].model, remote[0].backend, need)
-                return [Target(model=p.model, peer=p) for p in remote]
+                others = [Target(model=p.model, peer=p, reason="least busy") for p in remote]
+                if links and self.affinity:
+                    hit = self._affine(links, remote, 0, None)
+                    if hit is not None:
+                        return [hit, *(t for t in others if t.peer is not hit.peer)]
+                return others
         raise ModelNotFound(
             f"The model '{model}' does not exist or is not loaded on any node. "
             f"Available: {', '.join(sorted(c['id'] for c in self.model_cards())) or 'none'}",
@@ -209,6 +238,22 @@ class Router:
         cands = [p for p in self.peers.candidates(model)
                  if self.silent_since.get(p.peer_id, float("-inf")) < p.last_seen]
         return sorted(cands, key=lambda p: (self.wait(p), -p.tokens_per_s, p.rtt_ms))
+
+    def _affine(self, links: list[tuple[int, int]], remote: list[PeerCandidate],
+                here_saved: int, here_wait: float | None) -> Target | None:
+        """The peer holding the most of the prompt, if load is even enough to use it."""
+        best, most = None, 0
+        for p in remote:
+            n = saved(links, p.prefixes)
+            if n > most:
+                best, most = p, n
+        if best is None or most - here_saved < MIN_SAVED:
+            return None
+        waits = [self.wait(p) for p in remote] + ([here_wait] if here_wait is not None else [])
+        after = best.busy + best.queued + self.in_flight_to.get(best.peer_id, 0) + 1
+        if after > max(best.slots, 1) or self.wait(best) - min(waits) > BALANCE:
+            return None               # it would queue, or others are much less busy
+        return Target(model=best.model, peer=best, reason=f"prefix (~{most} tokens cached)")
 
     def capacity(self, model: str) -> int:
         """Background requests (batch lines) the mesh runs at once for `model`: on every
@@ -240,7 +285,8 @@ class Router:
         if (isinstance(request, Generate) and request.max_wait is None
                 and not request.background and self.queue_timeout):
             request = request.model_copy(update={"max_wait": self.queue_timeout})
-        targets = self.plan(request.model, proxied=proxied, kind=request.kind)
+        links = chain(request) if isinstance(request, Generate) and self.affinity else None
+        targets = self.plan(request.model, proxied=proxied, kind=request.kind, links=links)
         last: MeshError | None = None
         for i, target in enumerate(targets):
             stack = contextlib.AsyncExitStack()
@@ -260,6 +306,7 @@ class Router:
                     last = exc
                     continue
                 raise
+            self.routes[target.reason.split(" (")[0]] += 1
             return Call(target=target, first=first, _events=events, _stack=stack,
                         deadline=deadline)
         raise last or MeshError("no candidate")   # unreachable: the loop raises or returns

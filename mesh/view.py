@@ -181,7 +181,9 @@ def status_node(p: Peer) -> dict[str, Any]:
         "id": p.peer_id, "name": p.name, "version": s.version, "api": s.api_url, "addrs": list(s.addrs),
         "state": p.status, "last_seen": p.last_seen_wall, "connected": p.connected,
         "rtt_ms": None if p.rtt_ms is None else round(p.rtt_ms, 2),
-        "models": [m.model_dump() for m in s.models],
+        # the prefix hashes as a count: what a person reads is how many are cached
+        "models": [{**m.model_dump(exclude={"prefixes"}), "prefixes": len(m.prefixes)}
+                   for m in s.models],
         "memory": {"ram_total": s.ram_total, "ram_free": s.ram_free,
                    "vram_total": s.vram_total, "vram_free": s.vram_free},
         "rpc": s.rpc.model_dump(), "load": s.load, "open": s.open,

@@ -18,6 +18,7 @@
 | max_tokens_limit |                   | MESH_MAX_TOKENS     | 0 (no cap beyond the context)    |
 | request_timeout  |                   | MESH_REQUEST_TIMEOUT| 600 s                            |
 | queue_timeout    |                   | MESH_QUEUE_TIMEOUT  | 30 s a generation may wait for a slot, then 503 + Retry-After (0 = no bound) |
+| affinity         |                   | MESH_AFFINITY       | true: a prompt goes to the node whose slots hold its start, when load is even (mesh/prefix.py) |
 | max_concurrent_per_key |             | MESH_MAX_CONCURRENT_PER_KEY | 16 (0 = no cap)         |
 | gallery          | --gallery (repeat)| MESH_GALLERY (comma)| none beyond the built-in index   |
 | offer_memory     | --offer-memory    | MESH_OFFER_MEMORY   | 0 (lend nothing to RPC splits)   |
@@ -79,6 +80,7 @@ class NodeConfig(BaseModel):
     max_tokens_limit: int = Field(0, ge=0)
     request_timeout: float = Field(600, gt=0)
     queue_timeout: float = Field(30, ge=0)
+    affinity: bool = True
     max_concurrent_per_key: int = Field(16, ge=0)
     gallery: list[str] = Field(default_factory=list)
     offer_memory: int = Field(0, ge=0)
@@ -169,7 +171,7 @@ _ENV = {
     "p2p_port": "MESH_P2P_PORT", "peers": "MESH_PEERS", "mdns": "MESH_MDNS",
     "max_body_mb": "MESH_MAX_BODY_MB", "max_queue": "MESH_MAX_QUEUE",
     "max_tokens_limit": "MESH_MAX_TOKENS", "request_timeout": "MESH_REQUEST_TIMEOUT",
-    "queue_timeout": "MESH_QUEUE_TIMEOUT",
+    "queue_timeout": "MESH_QUEUE_TIMEOUT", "affinity": "MESH_AFFINITY",
     "max_concurrent_per_key": "MESH_MAX_CONCURRENT_PER_KEY",
     "gallery": "MESH_GALLERY", "offer_memory": "MESH_OFFER_MEMORY", "rpc_threads": "MESH_RPC_THREADS",
     "memory_limit": "MESH_MEMORY_LIMIT", "bulk_port": "MESH_BULK_PORT",

@@ -128,7 +128,7 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
         await nursery.start(pool.serve)
         metrics = NodeMetrics(pool)
         router = Router(local=metrics.local(LocalModels(pool)), request_timeout=config.request_timeout,
-                        queue_timeout=config.queue_timeout or None)
+                        queue_timeout=config.queue_timeout or None, affinity=config.affinity)
         svc = Services(config=config, node_name=config.name, pool=pool, router=router,
                        store=store, index=index, metrics=metrics, wanted=wanted,
                        keyring=KeyRing(config.home),

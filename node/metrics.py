@@ -203,6 +203,9 @@ class _CountingLocal:
     def model_cards(self):
         return self.inner.model_cards()
 
+    def prefixes(self, model_id: str) -> frozenset[int]:
+        return self.inner.prefixes(model_id)
+
     @asynccontextmanager
     async def open(self, model_id: str, request):
         key = self.metrics._attempt(request)

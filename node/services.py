@@ -108,7 +108,8 @@ class Services:
                 slots=slots, busy=int(w.stats.get("busy", min(w.in_flight, slots))),
                 queued=int(w.stats.get("queued", max(0, w.in_flight - slots))),
                 tokens_per_s=float(w.stats.get("tokens_per_s") or 0.0),
-                aliases=list(w.spec.aliases), split=_split_summary(w)))
+                aliases=list(w.spec.aliases), split=_split_summary(w),
+                prefixes=sorted(self.router.local.prefixes(w.id))))
         return NodeState(name=self.node_name, version=VERSION, api_url=self.api_url,
                          ram_total=res.ram_total, ram_free=res.ram_free,
                          vram_total=res.vram_total, vram_free=res.vram_free, models=models,
@@ -146,7 +147,8 @@ class Services:
             "state": "alive",
             "last_seen": time.time(),
             "uptime_s": round(time.time() - self.started, 1),
-            "models": self.pool.snapshot(),
+            "models": [{**m, "prefixes": len(self.router.local.prefixes(m["id"]))}
+                       for m in self.pool.snapshot()],
             "memory": {"ram_total": res.ram_total, "ram_free": res.ram_free,
                        "vram_total": res.vram_total, "vram_free": res.vram_free,
                        "gpus": [vars(g) for g in res.gpus]},
@@ -161,6 +163,8 @@ class Services:
         warnings = [f"node {n['name']!r} serves its API beyond loopback with no API key: "
                     "anyone who can reach it can use it" for n in nodes if n.get("open")]
         me_short = {k: me[k] for k in ("id", "name", "addrs", "api")}
+        # why this node's requests went where they did (mesh/router.py Target.reason)
+        me_short["routes"] = dict(self.router.routes)
         if self.p2p:
             me_short.update(denied=self.p2p.denied_count,
                             rejected_gossip=self.p2p.rejected_gossip_count)

@@ -33,6 +33,10 @@ class FakeLocal:
     model: FakeModel | None = field(default_factory=FakeModel)
     script: list[Any] = field(default_factory=lambda: [Delta(text="local"), Done()])
     opened: int = 0
+    held: frozenset = frozenset()
+
+    def prefixes(self, model_id: str) -> frozenset:
+        return self.held
 
     def find(self, model: str):
         return self.model if self.model and model == self.model.id else None
@@ -56,10 +60,10 @@ async def _play(script):
 
 
 def peer(pid: str, *, busy=0, queued=0, slots=1, tps=0.0, rtt=1.0, backend="llama",
-         last_seen=0.0) -> PeerCandidate:
+         last_seen=0.0, prefixes=frozenset()) -> PeerCandidate:
     return PeerCandidate(peer_id=pid, name=pid, model="m", slots=slots, busy=busy,
                          queued=queued, tokens_per_s=tps, rtt_ms=rtt, backend=backend,
-                         last_seen=last_seen)
+                         last_seen=last_seen, prefixes=frozenset(prefixes))
 
 
 @dataclass

@@ -72,6 +72,8 @@ class ModelState(_Wire):
     # what it serves (mesh/wire/inference.py capabilities_of); empty: not told, the
     # backend's defaults apply
     capabilities: list[str] = Field(default_factory=list)
+    # hashes of the prompt prefixes its slots hold (mesh/prefix.py): prefix-affine routing
+    prefixes: list[int] = Field(default_factory=list)
 
 
 class NodeState(_Wire):
