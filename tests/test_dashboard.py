@@ -361,6 +361,32 @@ def test_an_audio_file_dropped_on_the_page_is_transcribed(browser, mesh, shots, 
 
 
 # ------------------------------------------------------------------ keys
+def test_the_agents_page_shows_the_schedule_runs_one_and_follows_its_steps(browser, mesh, shots):
+    auth = {"Authorization": f"Bearer {mesh['key']}"}
+    r = httpx.post(mesh["a"].v1 + "/agents", headers=auth, timeout=30, json={
+        "name": "greeter", "model": CHAT, "temperature": 0, "description": "says hello",
+        "instructions": "Greet the user in one short sentence.",
+        "schedule": {"every": 3600, "input": "Hello"}})
+    assert r.status_code == 201, r.text
+    sign_in(browser, mesh, "agents")
+    row = '#agents-list tr[data-agent="greeter"]'
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, row))   # gossiped to b
+    text = css(browser, row).text
+    assert CHAT in text and "every 3600" in text and "says hello" in text, text
+    wait(browser, lambda d: css(d, row + " ul.ticks li"))            # the next ticks, listed
+    set_value(browser, row + " .agent-input", "Hi there")
+    css(browser, row + " button.run-now").click()
+    wait(browser, lambda d: css(d, "#agent-run").get_attribute("data-status") == "completed",
+         timeout=120)
+    steps = browser.find_elements(By.CSS_SELECTOR, '#agent-run li.step[data-type="model"]')
+    assert steps and steps[0].text.strip() != "model", [s.text for s in steps]
+    assert "completed on" in css(browser, "#agent-run .note").text
+    # the run is listed under the agent, and following it again replays its steps
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, row + " button.run-link"))
+    assert "completed" in css(browser, row + " button.run-link").text
+    shot(browser, shots, "agents")
+
+
 def test_the_keys_page_creates_a_key_shows_it_once_and_revokes_it(browser, mesh, shots):
     b = mesh["b"].api
     sign_in(browser, mesh, "keys")

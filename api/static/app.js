@@ -7,10 +7,11 @@ import * as mesh from "./mesh.js";
 import * as chat from "./chat.js";
 import * as gallery from "./gallery.js";
 import * as keys from "./keys.js";
+import * as agents from "./agents.js";
 import * as transcribe from "./transcribe.js";
 
 const TABS = { mesh: () => {}, chat: chat.loadModels, gallery: () => gallery.refresh(running && running.signal),
-               transcribe: transcribe.loadModels, keys: keys.refresh };
+               transcribe: transcribe.loadModels, agents: agents.refresh, keys: keys.refresh };
 let running = null;        // AbortController of this session's background work
 
 function showLogin(message) {
