@@ -2,8 +2,11 @@
 
 Three servers of the same GGUF file, same threads, greedy, same max_tokens, one run:
   (a) mesh      `mesh up` (a real node process, the llama worker with continuous batching)
-                with `parallel: 8`, set as a model override in a temporary copy of the
-                models directory (the .gguf is a symlink), through the official openai client;
+                in its DEFAULT configuration, `parallel: auto` (8 slots here: the rule in
+                node/placement.py `slots`), set explicitly as a model override in a temporary
+                copy of the models directory (an install made before auto was the default
+                keeps the parallel it was installed with; the .gguf is a symlink), through the
+                official openai client;
   (b) serial    llama-cpp-python's high-level `Llama.create_chat_completion(stream=True)`
                 called directly from the client threads in this process, one request at a
                 time behind a lock: what the worker did before batching. No HTTP in this
@@ -98,7 +101,7 @@ def serial_stream(model_path: str, threads: int) -> Stream:
 
 
 def mesh_models_dir(tmp: Path) -> Path:
-    """A models dir holding the installed model with `parallel: 8` (the .gguf symlinked)."""
+    """A models dir holding the installed model with `parallel: auto` (the .gguf symlinked)."""
     src = Store(models_dir()).get(MODEL)
     if src is None:
         sys.exit(f"{MODEL} is not installed in {models_dir()}: run the tests or `mesh install` first")
@@ -107,7 +110,7 @@ def mesh_models_dir(tmp: Path) -> Path:
     for f in src.files:
         (dst / f.path).symlink_to(src.dir / f.path)
     shutil.copy(src.dir / "model.yaml", dst / "model.yaml")
-    Store(tmp / "models").set_overrides(MODEL, {"parallel": PARALLEL, "context_size": CONTEXT})
+    Store(tmp / "models").set_overrides(MODEL, {"parallel": "auto", "context_size": CONTEXT})
     return tmp / "models"
 
 
@@ -237,6 +240,7 @@ def main() -> None:
     servers: dict[str, Stream] = {}
     notes: list[str] = []
     cleanup: list[Callable[[], None]] = []
+    mesh_slots = "?"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         try:
@@ -244,6 +248,8 @@ def main() -> None:
             os.environ["MESH_TEST_MODELS_DIR"] = str(mdir)
             node = MeshNode(tmp / "home", ["--model", MODEL, "--no-mdns"]).start().wait_ready()
             cleanup.append(node.stop)
+            me = httpx.get(node.api + "/mesh/status", timeout=10).json()["nodes"][0]
+            mesh_slots = next(m["slots"] for m in me["models"] if m["id"] == MODEL)
             servers["mesh"] = openai_stream(node.v1, MODEL)
             servers["serial"] = serial_stream(model_path, threads)
             exe = build_llama_server()
@@ -280,7 +286,8 @@ def main() -> None:
                 except Exception:
                     pass
 
-    print(f"\nmodel {MODEL} Q4_1, {threads} threads, parallel {PARALLEL} (a, c), "
+    print(f"\nmodel {MODEL} Q4_1, {threads} threads, (a) parallel auto = {mesh_slots} slots, "
+          f"(c) --parallel {PARALLEL}, "
           f"{args.rounds} requests per client, max_tokens {args.tokens}, greedy, best of "
           f"{args.repeat} trials; load average {load0:.1f} -> {load1:.1f}")
     print(f"{'server':<14}{'clients':>8}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT p95 ms':>13}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import importlib.resources
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Literal
+from typing import Annotated, Any, Iterable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -110,7 +110,8 @@ class Sampling(_Strict):
 class ModelConfig(_Strict):
     """How a backend runs the model; every key may be overridden per node by the user."""
     context_size: int | None = Field(None, ge=16)
-    parallel: int = Field(1, ge=1, le=256)
+    # llama: slots (concurrent sequences); "auto": up to 8 as free RAM allows (node/placement.py)
+    parallel: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] = "auto"
     chat_template: str | None = None         # overrides the template in the GGUF metadata
     sampling: Sampling = Field(default_factory=Sampling)
     memory_estimate_mb: int | None = Field(None, ge=0)

@@ -15,6 +15,13 @@ node/rpc.py) and the compute buffers, logits included: `OVERHEAD` covers those. 
 whole model is `weights + kv + OVERHEAD`; the weights are the file size when the header
 cannot be read.
 
+Slots. `parallel: auto` (the default) gives a model as many slots as ``AUTO_SLOTS``
+whose KV cache (context_size cells each) fits in ``AUTO_SHARE`` of the free RAM, at least
+one: 8 for every model of the gallery on a machine with a few GiB free, so 8 clients on
+a default node are served at once instead of 4 running and 4 waiting. A slot that is not
+used costs its cells' memory, no compute (the scheduler batches only running rows).
+``slots(config, info, free)`` is the one rule; the worker and split placement use it.
+
 Split or not. `split=False`: the model loads on this node alone (`Placement.local`),
 whether or not the estimate fits (the caller decides what to do; the existing load path
 never refused). `split=True` when the model fits here (within `local_free - RESERVE`, or
@@ -68,12 +75,16 @@ from typing import Any, BinaryIO
 
 __all__ = ["ModelInfo", "PeerOffer", "NodeShare", "Placement", "CannotFit", "Pointless",
            "read_gguf", "tensor_table", "model_info", "estimate", "place", "alone", "KV_BYTES",
-           "OVERHEAD", "RTT_HALF_MS", "MBPS_HALF", "MAX_PEERS", "RESERVE"]
+           "OVERHEAD", "RTT_HALF_MS", "MBPS_HALF", "MAX_PEERS", "RESERVE", "AUTO_SLOTS", "AUTO_SHARE",
+           "DEFAULT_CONTEXT", "slots"]
 
 KV_BYTES = 2                     # f16 K and V cells (llama.cpp's default cache type)
 OVERHEAD = 128 * 2**20           # compute buffers + logits + runtime on the loading node
 PEER_OVERHEAD = 16 * 2**20       # compute buffer on an RPC server
 RESERVE = 512 * 2**20            # RAM the loading node leaves to everything else
+DEFAULT_CONTEXT = 2048           # cells per slot when the config names no context_size
+AUTO_SLOTS = 8                   # parallel: auto, at most (module note: Slots)
+AUTO_SHARE = 0.25                # ... and the share of free RAM their KV cache may take
 RTT_HALF_MS = 10.0               # a peer this far away counts half its free memory
 MBPS_HALF = 100.0                # MB/s at which a peer without the file counts half
 MAX_PEERS = 8                    # below GGML_RPC_MAX_SERVERS (16); each adds a hop per token
@@ -200,6 +211,16 @@ def model_info(path: str) -> ModelInfo:
             fixed += nbytes
     return ModelInfo(n_layer=n_layer, layer_bytes=tuple(layers), fixed_bytes=fixed,
                      kv_per_layer_token=(k_len + v_len) * n_head_kv * KV_BYTES)
+
+
+def slots(config: dict[str, Any], info: ModelInfo, free: int) -> int:
+    """The model's slot count: its `parallel`, or for "auto" (or none) the rule of the
+    module note (Slots)."""
+    p = config.get("parallel")
+    if p not in (None, "auto"):
+        return max(1, int(p))
+    per_slot = info.n_layer * int(config.get("context_size") or DEFAULT_CONTEXT) * info.kv_per_layer_token
+    return max(1, min(AUTO_SLOTS, int(free * AUTO_SHARE) // max(per_slot, 1)))
 
 
 def estimate(info: ModelInfo, n_ctx: int) -> int:

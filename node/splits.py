@@ -43,8 +43,8 @@ import trio
 from mesh.errors import BadRequest, Conflict, MeshError, NoCapacity, Unavailable
 from mesh.tunnel import LinkProbe, ModelFile, TunnelStats, probe, serve_tunnel
 from node import resources
-from node.placement import (CannotFit, PeerOffer, Placement, Pointless, alone, eligible,
-                            model_info, place, tensor_table)
+from node.placement import (DEFAULT_CONTEXT, CannotFit, PeerOffer, Placement, Pointless, alone, eligible,
+                            model_info, place, slots, tensor_table)
 from node.workers import ModelSpec, Worker, WorkerPool
 
 log = logging.getLogger("node.splits")
@@ -53,7 +53,6 @@ EXCLUDE_FOR = 30.0         # s a peer that failed is left out of placements
 WATCH_EVERY = 1.0          # s between liveness checks when nothing else wakes the watcher
 MAX_REPLACEMENTS = 3       # re-placements in a row before the model is left failed
 STABLE_AFTER = 60.0        # s of serving after which a failure starts a new row
-DEFAULT_CONTEXT, DEFAULT_PARALLEL = 2048, 4    # node/backends/llama.py's defaults
 PROBE_TIMEOUT = 5.0        # s for the link probes before a placement (peers not done: RTT only)
 
 
@@ -84,6 +83,7 @@ class Splits:
         self.memory_limit = memory_limit   # the most RAM placement counts as this node's
         self.stopping = stopping      # the node is shutting down: links break, do not re-place
         self._splits: dict[str, _Split] = {}
+        self._slots: dict[str, int] = {}   # model id -> the slots its placement counted
         self._send, self._recv = trio.open_memory_channel(64)
 
     # ------------------------------------------------------------------ API
@@ -148,7 +148,8 @@ class Splits:
         """A placement; after a failure (`alone_ok`) a model that fits here loads here."""
         info = await trio.to_thread.run_sync(model_info, str(installed.path))
         cfg = installed.config or {}
-        n_ctx = int(cfg.get("context_size") or DEFAULT_CONTEXT) * max(1, int(cfg.get("parallel") or DEFAULT_PARALLEL))
+        n = self._slots[installed.id] = slots(cfg, info, resources.read().ram_free)
+        n_ctx = int(cfg.get("context_size") or DEFAULT_CONTEXT) * n
         peers = await self._offers(_sha256(installed), exclude)
         kw = dict(n_ctx=n_ctx, local_free=resources.read().ram_free, peers=peers, split=True,
                   me=self.p2p.peer_id, my_name=self.p2p.name, exclude=exclude,
@@ -167,7 +168,8 @@ class Splits:
 
     def _spec(self, installed, placement: Placement, ports: list[int], info: dict) -> ModelSpec:
         config = dict(installed.config or {})
-        config.update(rpc_servers=[f"127.0.0.1:{p}" for p in ports],
+        config.update(parallel=self._slots.get(installed.id, config.get("parallel")),  # as placed
+                      rpc_servers=[f"127.0.0.1:{p}" for p in ports],
                       rpc_layers=[s.layers for s in placement.peers],
                       embeddings=False,   # a second llama context would hold the layers twice
                       split=info)

@@ -13,7 +13,6 @@ from tests.procs import MeshNode, run_cli
 from tests.test_mesh import eventually
 
 CHAT = "smollm2-135m-instruct"
-SLOTS = 4                           # node/backends/llama.py DEFAULT_PARALLEL
 NO_END = {"0": -100, "2": -100}     # SmolLM2's <|endoftext|> and <|im_end|>
 SYSTEM = ("You are a careful assistant for a team that runs machines on a local network. "
           "Answer in one short sentence, plainly, without lists. ") * 4
@@ -81,7 +80,8 @@ def test_affinity_yields_to_load(mesh) -> None:
     history, _ = _first_turn(a, "a router")
     assert eventually(lambda: _model(b, "a")["prefixes"] > 0, timeout=15)
     client = openai.OpenAI(base_url=a.v1, api_key="unused", max_retries=0, timeout=120)
-    started = threading.Barrier(SLOTS + 1)
+    slots = _model(a, "a")["slots"]
+    started = threading.Barrier(slots + 1)
     stop = threading.Event()
 
     def hog():
@@ -94,12 +94,12 @@ def test_affinity_yields_to_load(mesh) -> None:
                 if stop.is_set():
                     return
 
-    hogs = [threading.Thread(target=hog) for _ in range(SLOTS)]
+    hogs = [threading.Thread(target=hog) for _ in range(slots)]
     for t in hogs:
         t.start()
     try:
         started.wait(timeout=120)                       # a's every slot is generating
-        assert eventually(lambda: _model(b, "a")["busy"] >= SLOTS, timeout=15)
+        assert eventually(lambda: _model(b, "a")["busy"] >= slots, timeout=15)
         headers, second = _ask(b, history + [{"role": "user", "content": "Why?"}])
         assert headers["x-mesh-node"] == "b", headers   # no wait behind a's hogs
         assert headers["x-mesh-route"] == "local", headers

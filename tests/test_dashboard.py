@@ -184,7 +184,7 @@ def test_the_dashboard_lists_both_nodes_and_their_models(browser, mesh, shots):
     b = css(browser, card.format("b"))
     assert "this node" in b.text and "no models" in b.text
     assert "2 nodes, 2 alive" in css(browser, "#mesh-summary").text
-    # slots are drawn per model: SmolLM2 has 4
+    # slots are drawn per model
     assert len(a.find_elements(By.CSS_SELECTOR, f'.model[data-model="{CHAT}"] .slot')) >= 1
     # RTT of the link, as measured by the nodes (pings every 2 s, then gossiped)
     wait(browser, lambda d: any("ms" in t.text for t in d.find_elements(By.CSS_SELECTOR, ".graph .link-label")))

@@ -319,7 +319,7 @@ def test_store_get_list_overrides_remove(tmp_path, store):
     assert m.config["sampling"] == {"temperature": 0.5, "top_p": 0.5}
     assert m.config["parallel"] == 2 and m.config["context_size"] == 1024
     m = store.set_overrides("blob", {"parallel": None})
-    assert m.config["parallel"] == 1 and m.overrides == {"sampling": {"top_p": 0.5}}
+    assert m.config["parallel"] == "auto" and m.overrides == {"sampling": {"top_p": 0.5}}
     with pytest.raises(BadRequest, match="contxt_size"):
         store.set_overrides("blob", {"contxt_size": 1})
     # every key a backend reads is a key the config accepts (node/rpc.py reads repack)

@@ -12,7 +12,6 @@ import pytest
 from tests.procs import MeshNode
 
 CHAT = "smollm2-135m-instruct"
-SLOTS = 4          # node/backends/llama.py DEFAULT_PARALLEL
 NO_END = {"0": -100, "2": -100}     # SmolLM2's <|endoftext|> and <|im_end|>
 
 
@@ -25,9 +24,15 @@ def node(tmp_path_factory):
     n.stop()
 
 
+def _slots(node) -> int:
+    me = httpx.get(node.api + "/mesh/status", timeout=5).json()["nodes"][0]
+    return next(m["slots"] for m in me["models"] if m["id"] == CHAT)
+
+
 def test_a_request_with_no_slot_in_time_gets_a_503_with_retry_after(node) -> None:
     client = openai.OpenAI(base_url=node.v1, api_key="unused", max_retries=0, timeout=120)
-    started = threading.Barrier(SLOTS + 1)
+    slots = _slots(node)
+    started = threading.Barrier(slots + 1)
     stop = threading.Event()
 
     def hog():
@@ -41,7 +46,7 @@ def test_a_request_with_no_slot_in_time_gets_a_503_with_retry_after(node) -> Non
                 if stop.is_set():
                     return
 
-    hogs = [threading.Thread(target=hog) for _ in range(SLOTS)]
+    hogs = [threading.Thread(target=hog) for _ in range(slots)]
     for t in hogs:
         t.start()
     try:

@@ -21,7 +21,7 @@ import pytest
 
 from mesh.tunnel import BUFFER, RpcBatcher
 from node.placement import (OVERHEAD, CannotFit, ModelInfo, PeerOffer, Pointless, estimate,
-                            model_info, place)
+                            model_info, place, slots)
 from gallery.catalog import load_index, resolve
 from gallery.store import Store
 from tests.procs import MeshNode, models_dir, run_cli
@@ -48,6 +48,16 @@ def test_gguf_header_gives_layers_and_kv_width():
     assert info.kv_per_layer_token == (64 + 64) * 3 * 2      # head_dim 64, 3 KV heads, f16
     assert 0.9 * path.stat().st_size < info.weights <= path.stat().st_size
     assert estimate(info, 8192) == info.weights + 30 * 8192 * 768 + OVERHEAD
+
+
+def test_auto_slots_fill_a_quarter_of_free_ram_up_to_eight():
+    info = _info()                                   # SmolLM2's shape: 23 KB a cell
+    per_slot = 30 * 2048 * 768                       # 2048 cells: 45 MiB
+    assert slots({}, info, 16 * GiB) == slots({"parallel": "auto"}, info, 16 * GiB) == 8
+    assert slots({}, info, 4 * 3 * per_slot) == 3    # a quarter of free RAM holds three
+    assert slots({}, info, MiB) == 1                 # at least one
+    assert slots({"context_size": 8192}, info, 4 * 4 * 4 * per_slot) == 4   # 4x the cells
+    assert slots({"parallel": 2}, info, 16 * GiB) == 2                       # as configured
 
 
 def test_no_split_unless_asked():
@@ -202,7 +212,7 @@ def mesh(tmp_path_factory):
     token = run_cli("token").stdout.strip()
     tmp = tmp_path_factory.mktemp("split")
     env = {"MESH_RPC_THREADS": "1"}     # 3 nodes on a small machine: no spinning thread pools
-    # a cannot hold SmolLM2 (~0.4 GiB with its KV cache) within 256 MiB: a split is not pointless
+    # a cannot hold SmolLM2 (~0.6 GiB with its 8 slots of KV cache) within 256 MiB: a split is not pointless
     a = MeshNode(tmp / "a", ["--name", "a", "--token", token, "--no-mdns", "--model", CHAT],
                  env={**env, "MESH_MEMORY_LIMIT": "256MiB"}).start()
     a_addr = a.wait_for(r"mesh: p2p (/ip4/127\.0\.0\.1/\S+)").group(1)

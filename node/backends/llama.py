@@ -4,8 +4,8 @@ Chat prompts are rendered with the model's own chat template (GGUF metadata, or 
 per-model `chat_template` override) and tokenized here, so the worker knows exact
 prompt/completion token counts.
 
-Generation runs on node/backends/batching.py: `parallel` slots (per-model config, default
-4) share one llama context in a split KV cache (n_ctx = context_size * parallel, one
+Generation runs on node/backends/batching.py: `parallel` slots (per-model config; "auto",
+the default, is node/placement.py's rule: up to 8 as the free RAM allows) share one llama context in a split KV cache (n_ctx = context_size * parallel, one
 seq_id per slot, each slot limited to context_size tokens, as llama-server does), one
 scheduler thread batches every running request's next token with chunks of new prompts,
 and a slot's previous conversation is reused as a prompt cache. `submit` validates a
@@ -42,14 +42,15 @@ from mesh.wire.schema import check_schema
 from node.backends import RequestError, tools
 from node.backends.gbnf import JSON_GBNF, from_schema
 from node.backends.batching import BatchScheduler, Choices, Job, Sampling
+from node import resources
+from node.placement import model_info, slots
 from node.rpc import split_params
 
 log = logging.getLogger("node.backends.llama")
 
 Emit = Callable[[Any], None]
 
-DEFAULT_CONTEXT = 2048     # per slot
-DEFAULT_PARALLEL = 4       # slots (llama-server's default when -np is not given)
+DEFAULT_CONTEXT = 2048     # per slot (node/placement.py DEFAULT_CONTEXT)
 GRAMMAR_CACHE = 64         # parsed grammars kept (one per distinct schema)
 
 
@@ -60,7 +61,7 @@ class LlamaBackend:
         self.model_path = model_path
         self.config = config
         self.n_ctx = int(config.get("context_size") or DEFAULT_CONTEXT)
-        self.parallel = max(1, int(config.get("parallel") or DEFAULT_PARALLEL))
+        self.parallel = slots(config, model_info(model_path), resources.read().ram_free)
         # default: the CPUs this process may run on (taskset, cgroup cpusets), not all
         self.threads = int(config.get("threads") or len(os.sched_getaffinity(0)))
         self.defaults: dict[str, Any] = dict(config.get("sampling") or {})
@@ -91,7 +92,7 @@ class LlamaBackend:
     # ------------------------------------------------------------------ info
     def info(self) -> dict[str, Any]:
         return {"backend": self.name, "ctx": self.n_ctx, "n_embd": self.model.n_embd(),
-                "slots": self.parallel, "kv": "split",
+                "slots": self.parallel, "parallel": self.config.get("parallel", "auto"), "kv": "split",
                 "embeddings": bool(self.config.get("embeddings", True)),
                 "chat_template": self.formatter is not None,
                 "tools": self.template_has_tools}
