@@ -5,12 +5,14 @@ this machine's cores): in one, MESH_AFFINITY=1 (the default), in the other MESH_
 router as before: local while it has a free slot, else the least busy). Each round drives
 one mesh, then the other (alternating which goes first): 12 conversations at once, each
 6 turns with a growing history (a ~170-token system prompt, 48-token answers), every turn
-sent to a random node of that mesh (the same random choices in both meshes). Printed:
+sent to a random node of that mesh (the same random choices in both meshes); --concurrent
+of them at a time (default all). Printed:
 median TTFT of turns 2-6 (and turn 1), the share of later turns that found their prefix
 cached, and the aggregate completion tokens/s, per mesh and as a ratio; medians over all
 turns of all rounds.
 
     .venv/bin/python -m bench.affinity [--rounds 3] [--conversations 12] [--turns 6]
+                                       [--concurrent 12]
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def conversation(nodes: list[MeshNode], topic: str, turns: int, tokens: int,
 
 def drive(nodes, args, seed: int) -> dict:
     t0 = time.perf_counter()
-    with cf.ThreadPoolExecutor(args.conversations) as pool:
+    with cf.ThreadPoolExecutor(args.concurrent or args.conversations) as pool:
         futs = [pool.submit(conversation, nodes, TOPICS[i % len(TOPICS)], args.turns, args.tokens,
                             random.Random(seed * 1000 + i)) for i in range(args.conversations)]
         turns = [t for f in futs for t in f.result()]
@@ -108,6 +110,7 @@ def main() -> None:
     ap.add_argument("--conversations", type=int, default=12)
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--concurrent", type=int, default=0, help="conversations at a time (0: all)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         meshes = {"affinity": start_mesh(Path(tmp), "p", True),
@@ -119,6 +122,13 @@ def main() -> None:
                 for k in order:
                     res[k].append(drive(meshes[k], args, seed=r))
                     print(f"round {r + 1} {k}: {res[k][-1]['wall']:.1f} s", flush=True)
+            for k, ns in meshes.items():      # why the requests went where they did
+                routes: dict[str, int] = {}
+                for n in ns:
+                    got = httpx.get(n.api + "/mesh/status", timeout=10).json()["self"]["routes"]
+                    for r, c in got.items():
+                        routes[r] = routes.get(r, 0) + c
+                print(f"{k} routes: {routes}")
         finally:
             for ns in meshes.values():
                 for n in ns:
@@ -133,7 +143,8 @@ def main() -> None:
             "hit": sum(1 for t in later if t["cached"] > t["prompt"] // 2) / len(later),
             "cached_share": sum(t["cached"] for t in later) / sum(t["prompt"] for t in later),
             "tok_s": statistics.median(rr["tokens"] / rr["wall"] for rr in rounds)}
-    print(f"\n{args.rounds} rounds x {args.conversations} conversations x {args.turns} turns, "
+    print(f"\n{args.rounds} rounds x {args.conversations} conversations "
+          f"({args.concurrent or args.conversations} at a time) x {args.turns} turns, "
           f"{args.tokens}-token answers; medians")
     print(f"{'':12} {'TTFT 2-6':>10} {'TTFT 1':>9} {'cached':>8} {'hits':>6} {'tok/s':>8}")
     for k, s in summary.items():

@@ -198,7 +198,9 @@ class Router:
         if local is not None and local.state in ("loading", "loaded"):
             _check_backend(local.id, local.backend, need)
             here = Target(model=local.id, reason="local")
-            if proxied or not self._meshed():
+            if proxied:
+                return [replace(here, reason="for a peer")]   # the peer chose us: no hop
+            if not self._meshed():
                 return [here]
             remote = self.rank(local.id)
             if not remote:
