@@ -287,7 +287,8 @@ class Router:
         if (isinstance(request, Generate) and request.max_wait is None
                 and not request.background and self.queue_timeout):
             request = request.model_copy(update={"max_wait": self.queue_timeout})
-        links = chain(request) if isinstance(request, Generate) and self.affinity else None
+        links = (chain(request) if isinstance(request, Generate) and self.affinity
+                 and not proxied and self._meshed() else None)
         targets = self.plan(request.model, proxied=proxied, kind=request.kind, links=links)
         last: MeshError | None = None
         for i, target in enumerate(targets):
