@@ -4,6 +4,9 @@
 place of its `llamacpp:` prefix and a `model` label (one node serves several models):
 
     mesh_requests_processing, mesh_requests_deferred   requests in a slot / waiting for one
+    mesh_expected_wait_seconds                         what a request sent now would wait for
+                                                       a slot (the worker's `wait_s`: queue
+                                                       place x mean slot hold time / slots)
     mesh_predicted_tokens_seconds                      recent decode speed (tokens/s)
     mesh_prompt_tokens_total, mesh_tokens_predicted_total   tokens of requests served here
     mesh_kv_cache_usage_ratio, mesh_kv_cache_tokens    when the worker reports its KV cells
@@ -65,6 +68,8 @@ class _PoolCollector:
         processing = _gauge("mesh_requests_processing", "Number of requests processing (in a slot)", m)
         deferred = _gauge("mesh_requests_deferred", "Number of requests deferred (waiting for a slot)", m)
         tps = _gauge("mesh_predicted_tokens_seconds", "Recent generation throughput in tokens/s", m)
+        wait = _gauge("mesh_expected_wait_seconds", "Expected seconds a request sent now waits "
+                      "for a slot (0: a slot is free)", m)
         restarts = _gauge("mesh_worker_restarts", "worker process restarts", m)
         kv_ratio = _gauge("mesh_kv_cache_usage_ratio", "KV-cache usage. 1 means 100 percent usage", m)
         kv_tokens = _gauge("mesh_kv_cache_tokens", "KV-cache tokens", m)
@@ -74,6 +79,7 @@ class _PoolCollector:
             processing.add_metric([w.id], int(stats.get("busy", min(w.in_flight, slots))))
             deferred.add_metric([w.id], int(stats.get("queued", max(0, w.in_flight - slots))))
             tps.add_metric([w.id], float(stats.get("tokens_per_s") or 0.0))
+            wait.add_metric([w.id], float(stats.get("wait_s") or 0.0))
             restarts.add_metric([w.id], w.restarts)
             if stats.get("kv_size"):
                 kv_tokens.add_metric([w.id], int(stats.get("kv_used") or 0))
@@ -82,7 +88,7 @@ class _PoolCollector:
         ram = _gauge("mesh_memory_free_bytes", "free memory", ["kind"])
         ram.add_metric(["ram"], res.ram_free)
         ram.add_metric(["vram"], res.vram_free)
-        yield from (loaded, processing, deferred, tps, restarts, ram)
+        yield from (loaded, processing, deferred, wait, tps, restarts, ram)
         yield from (g for g in (kv_ratio, kv_tokens) if g.samples)
 
 
@@ -269,6 +275,7 @@ class _MeshCollector:
             "busy": _gauge("mesh_requests_processing", "Number of requests processing" + GOSSIPED, nm),
             "queued": _gauge("mesh_requests_deferred", "Number of requests deferred" + GOSSIPED, nm),
             "tps": _gauge("mesh_predicted_tokens_seconds", "Recent generation throughput in tokens/s" + GOSSIPED, nm),
+            "wait": _gauge("mesh_expected_wait_seconds", "Expected seconds a request sent now waits for a slot" + GOSSIPED, nm),
         }
         for name, alive, age, s in self._states():
             for key, value in (("alive", 1 if alive else 0), ("age", age),
@@ -280,6 +287,6 @@ class _MeshCollector:
             for m in s.models:
                 for key, value in (("loaded", 1 if m.state == "loaded" else 0), ("slots", m.slots),
                                    ("busy", m.busy), ("queued", m.queued),
-                                   ("tps", m.tokens_per_s)):
+                                   ("tps", m.tokens_per_s), ("wait", m.wait_s)):
                     g[key].add_metric([name, m.id], value)
         yield from g.values()

@@ -108,6 +108,7 @@ class Services:
                 slots=slots, busy=int(w.stats.get("busy", min(w.in_flight, slots))),
                 queued=int(w.stats.get("queued", max(0, w.in_flight - slots))),
                 tokens_per_s=float(w.stats.get("tokens_per_s") or 0.0),
+                wait_s=float(w.stats.get("wait_s") or 0.0),
                 aliases=list(w.spec.aliases), split=_split_summary(w),
                 prefixes=sorted(self.router.local.prefixes(w.id))))
         return NodeState(name=self.node_name, version=VERSION, api_url=self.api_url,

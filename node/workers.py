@@ -111,7 +111,7 @@ class Worker:
                 "error": self.error, "pid": self.pid, "restarts": self.restarts,
                 "in_flight": self.in_flight, "ctx": self.info.get("ctx"),
                 "slots": self.info.get("slots", 1), "aliases": self.spec.aliases,
-                **{k: v for k, v in self.stats.items() if k in ("tokens_per_s", "busy", "queued")},
+                **{k: v for k, v in self.stats.items() if k in ("tokens_per_s", "busy", "queued", "wait_s")},
                 **({"split": self.spec.config["split"]} if self.spec.config.get("split") else {})}
 
     # -------------------------------------------------------------- requests

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,3 +116,36 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
             input: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*MESH, *args], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, **(env or {})}, timeout=timeout, input=input)
+
+
+SMOLLM2_NO_END = {"0": -100, "2": -100}     # SmolLM2's <|endoftext|> and <|im_end|>
+
+
+@contextmanager
+def hogging(client, model: str, n: int, no_end: dict[str, int] = SMOLLM2_NO_END):
+    """`n` streaming generations that cannot end early (their end tokens banned with
+    logit_bias), each past its first token when the block is entered: `n` slots held.
+    Leaving the block closes them (the node cancels them)."""
+    started = threading.Barrier(n + 1)
+    stop = threading.Event()
+
+    def hog() -> None:
+        with client.chat.completions.create(
+                model=model, stream=True, max_tokens=3000, temperature=1.0, logit_bias=no_end,
+                messages=[{"role": "user", "content": "Tell a very long story."}]) as s:
+            for i, _ in enumerate(s):
+                if i == 1:
+                    started.wait()
+                if stop.is_set():
+                    return
+
+    hogs = [threading.Thread(target=hog, daemon=True) for _ in range(n)]
+    for t in hogs:
+        t.start()
+    try:
+        started.wait(timeout=120)
+        yield
+    finally:
+        stop.set()
+        for t in hogs:
+            t.join(timeout=120)

@@ -3,17 +3,15 @@ any node, goes to the node whose slots hold its history, and yields to load."""
 
 from __future__ import annotations
 
-import threading
 
 import httpx
 import openai
 import pytest
 
-from tests.procs import MeshNode, run_cli
+from tests.procs import MeshNode, hogging, run_cli
 from tests.test_mesh import eventually
 
 CHAT = "smollm2-135m-instruct"
-NO_END = {"0": -100, "2": -100}     # SmolLM2's <|endoftext|> and <|im_end|>
 SYSTEM = ("You are a careful assistant for a team that runs machines on a local network. "
           "Answer in one short sentence, plainly, without lists. ") * 4
 
@@ -81,29 +79,8 @@ def test_affinity_yields_to_load(mesh) -> None:
     assert eventually(lambda: _model(b, "a")["prefixes"] > 0, timeout=15)
     client = openai.OpenAI(base_url=a.v1, api_key="unused", max_retries=0, timeout=120)
     slots = _model(a, "a")["slots"]
-    started = threading.Barrier(slots + 1)
-    stop = threading.Event()
-
-    def hog():
-        with client.chat.completions.create(
-                model=CHAT, stream=True, max_tokens=3000, logit_bias=NO_END,
-                messages=[{"role": "user", "content": "Tell a very long story."}]) as s:
-            for i, _ in enumerate(s):
-                if i == 1:
-                    started.wait()
-                if stop.is_set():
-                    return
-
-    hogs = [threading.Thread(target=hog) for _ in range(slots)]
-    for t in hogs:
-        t.start()
-    try:
-        started.wait(timeout=120)                       # a's every slot is generating
+    with hogging(client, CHAT, slots):                  # a's every slot is generating
         assert eventually(lambda: _model(b, "a")["busy"] >= slots, timeout=15)
         headers, second = _ask(b, history + [{"role": "user", "content": "Why?"}])
         assert headers["x-mesh-node"] == "b", headers   # no wait behind a's hogs
         assert headers["x-mesh-route"] == "local", headers
-    finally:
-        stop.set()
-        for t in hogs:
-            t.join(timeout=120)

@@ -67,6 +67,7 @@ class ModelState(_Wire):
     busy: int = Field(0, ge=0)
     queued: int = Field(0, ge=0)
     tokens_per_s: float = Field(0.0, ge=0)
+    wait_s: float = Field(0.0, ge=0)             # expected wait for a slot now (batching.py wait_s)
     aliases: list[str] = Field(default_factory=list)
     split: dict[str, Any] | None = None          # {nodes, layers, tensor_split, failure} (node/splits.py)
     # what it serves (mesh/wire/inference.py capabilities_of); empty: not told, the

@@ -125,6 +125,7 @@ PREFILL_CHUNK = 128        # prompt tokens per step while others generate: ~0.5 
                            # GEMM speed-up on this CPU), so a running stream stalls at most
                            # that long per step while a long prompt is eaten
 PENALTY_LAST_N = 64        # llama-cpp-python's last_n_tokens_size default
+HOLD_EWMA = 0.2           # weight of the latest ended request in the mean slot hold time
 TPS_WINDOW_S = 10.0        # tokens_per_s: tokens / time of the decode-only steps (no
                            # prompt tokens in the batch) of the last 10 s
 RANDOM_SEED = 0xFFFFFFFF   # LLAMA_DEFAULT_SEED: llama.cpp draws a random seed
@@ -242,6 +243,7 @@ class Job:
     chain: Any = None
     text: TextStream | None = None
     t_first: float | None = None
+    t_start: float | None = None   # when it got its slot
     grammar: Any = None            # a grammar sampler (llama_sampler_init_grammar), or None
     n_logprobs: int | None = None  # report logprobs with this many alternatives
     pending_lp: list[Any] = field(default_factory=list)   # TokenLogprob not yet sent
@@ -326,6 +328,7 @@ class BatchScheduler:
         self._closed = False
         self._tps: collections.deque[tuple[float, float, int]] = collections.deque()
         self.tokens_per_s = 0.0
+        self._hold: float | None = None     # s a request holds its slot (moving average)
         self._thread = threading.Thread(target=self._serve, name="llama-scheduler", daemon=True)
         self._thread.start()
 
@@ -345,9 +348,24 @@ class BatchScheduler:
     def queued(self) -> int:
         return len(self._queue)
 
+    def wait_s(self) -> float:
+        """Expected seconds a request arriving now waits for a slot: 0 with a slot free and
+        nobody queued; else its place in the queue (queued + 1) times the mean time a
+        request holds a slot, over the slots (they free up in parallel). The hold time is
+        a moving average over ended requests, at least the mean age of the running ones
+        (so a node whose first requests are still running does not claim no wait)."""
+        slots, busy = self.slots, self.busy
+        if busy < len(slots) and not self._queue:
+            return 0.0
+        now = time.perf_counter()
+        jobs = [s.job for s in slots]       # read once: the scheduler thread changes them
+        ages = [now - j.t_start for j in jobs if j is not None and j.t_start is not None]
+        hold = max(self._hold or 0.0, sum(ages) / len(ages) if ages else 0.0)
+        return (len(self._queue) + 1) * hold / max(len(slots), 1)
+
     def stats(self) -> dict[str, Any]:
         return {"busy": self.busy, "queued": self.queued, "slots": len(self.slots),
-                "tokens_per_s": round(self.tokens_per_s, 2),
+                "tokens_per_s": round(self.tokens_per_s, 2), "wait_s": round(self.wait_s(), 2),
                 "kv_used": sum(len(s.cache) for s in self.slots),     # cells holding KV
                 "kv_size": self.n_ctx_slot * len(self.slots)}
 
@@ -496,6 +514,7 @@ class BatchScheduler:
             llama_cpp.llama_memory_seq_rm(self.mem, slot.id, -1, -1)
             n_keep = 0
         del slot.cache[n_keep:]
+        job.t_start = time.perf_counter()
         slot.job, slot.last_used = job, next(self._use)
         job.n_cached = job.n_fed = n_keep
         job.text = TextStream(job.stops)
@@ -591,6 +610,9 @@ class BatchScheduler:
         job = slot.job
         slot.job = None
         slot.last_used = next(self._use)
+        if job.t_start is not None:          # how long a request holds a slot (wait_s)
+            held = time.perf_counter() - job.t_start
+            self._hold = held if self._hold is None else (1 - HOLD_EWMA) * self._hold + HOLD_EWMA * held
         if job.chain is not None:
             llama_cpp.llama_sampler_free(job.chain)
             job.chain = None

@@ -1,7 +1,8 @@
 """`mesh status`: the nodes of the mesh and the models each serves, readable at a glance.
 
 Compact (the default) is laid out for the terminal's width (80 columns when it is not a
-terminal): a block per node, a header line and its models as `id×slots busy/queued`,
+terminal): a block per node, a header line and its models as `id×slots busy/queued`
+(and `wait~Ns` when a request sent now would queue that long),
 then an index of models -> nodes. Nothing is cut: node names and model ids are whole, and
 a line too long goes on in the next one at the boundary between two items, never inside
 one (only a single item wider than the terminal can pass its edge). `--wide` prints every
@@ -45,6 +46,8 @@ def _model_item(m: dict) -> str:
         item += f" ({m.get('state')})"
     if m.get("tokens_per_s"):
         item += f" {m['tokens_per_s']:.0f}t/s"
+    if float(m.get("wait_s") or 0) >= 0.5:         # a new request would queue this long
+        item += f" wait~{float(m['wait_s']):.0f}s"
     split = m.get("split") or {}
     if split.get("nodes"):
         item += " split " + "+".join(map(str, split["nodes"]))
@@ -136,7 +139,9 @@ def wide(status: dict) -> Group:
             on = f" split: {'+'.join(map(str, split['nodes']))}" if split.get("nodes") else ""
             models.append(f"{m.get('id')} [{m.get('state')}] {m.get('slots') or 0} "
                           f"{m.get('busy') or 0}/{m.get('queued') or 0} "
-                          f"{float(m.get('tokens_per_s') or 0):.1f}{on}")
+                          f"{float(m.get('tokens_per_s') or 0):.1f}"
+                          + (f" wait~{float(m['wait_s']):.0f}s" if float(m.get("wait_s") or 0) >= 0.5 else "")
+                          + on)
             by_model.setdefault(m.get("id", "?"), []).append(f"{n.get('name')} [{m.get('state')}{on}]")
         seen = max(0.0, now - float(n.get("last_seen") or now))
         rtt = "-" if n.get("rtt_ms") is None else f"{n['rtt_ms']:.2f} ms"
