@@ -59,6 +59,8 @@ def start_mesh(root: Path, tag: str, affinity: bool) -> list[MeshNode]:
             if sum(1 for x in st if x["state"] == "alive" and x["models"]) == 3:
                 break
             time.sleep(0.2)
+        else:
+            raise SystemExit(f"{n.args[n.args.index('--name') + 1]} never saw 3 serving nodes")
         c.chat.completions.create(model=MODEL, max_tokens=2,
                                   messages=[{"role": "user", "content": "hi"}])
     return nodes

@@ -95,8 +95,7 @@ def next_link(req: Generate, reply: str, tool_calls: Sequence = ()) -> int | Non
         m = Message(role="assistant", content=reply, tool_calls=tuple(tool_calls))
         return _int(_h(h, _message_bytes(m)))
     full = _text_chain((req.prompt or "") + reply)
-    mine = _text_chain(req.prompt or "")
-    return full[-1][0] if len(full) > len(mine) else None
+    return full[-1][0] if len(full) > len(req.prompt or "") // BLOCK else None
 
 
 def saved(links: Chain, held: frozenset[int] | set[int]) -> int:

@@ -74,7 +74,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 __all__ = ["ModelInfo", "PeerOffer", "NodeShare", "Placement", "CannotFit", "Pointless",
-           "read_gguf", "tensor_table", "model_info", "estimate", "place", "alone", "KV_BYTES",
+           "read_gguf", "tensor_table", "kv_shape", "model_info", "estimate", "place", "alone", "KV_BYTES",
            "OVERHEAD", "RTT_HALF_MS", "MBPS_HALF", "MAX_PEERS", "RESERVE", "AUTO_SLOTS", "AUTO_SHARE",
            "DEFAULT_CONTEXT", "slots"]
 
@@ -191,9 +191,9 @@ class ModelInfo:
         return sum(self.layer_bytes) + self.fixed_bytes
 
 
-def model_info(path: str) -> ModelInfo:
-    """Read a GGUF's layer count, per-layer weights and KV width."""
-    meta, sizes = read_gguf(path)
+def kv_shape(meta: dict[str, Any]) -> tuple[int, int]:
+    """(layers, KV bytes per layer per cell) from GGUF metadata: a header read here, or a
+    loaded model's `metadata()` (llama.cpp gives every value as a string)."""
     arch = meta.get("general.architecture", "llama")
     n_layer = int(meta[f"{arch}.block_count"])
     n_embd = int(meta[f"{arch}.embedding_length"])
@@ -201,6 +201,13 @@ def model_info(path: str) -> ModelInfo:
     n_head_kv = int(meta.get(f"{arch}.attention.head_count_kv") or n_head)
     k_len = int(meta.get(f"{arch}.attention.key_length") or n_embd // n_head)
     v_len = int(meta.get(f"{arch}.attention.value_length") or n_embd // n_head)
+    return n_layer, (k_len + v_len) * n_head_kv * KV_BYTES
+
+
+def model_info(path: str) -> ModelInfo:
+    """Read a GGUF's layer count, per-layer weights and KV width."""
+    meta, sizes = read_gguf(path)
+    n_layer, kv = kv_shape(meta)
     layers = [0] * n_layer
     fixed = 0
     for name, nbytes in sizes.items():
@@ -210,16 +217,17 @@ def model_info(path: str) -> ModelInfo:
         else:
             fixed += nbytes
     return ModelInfo(n_layer=n_layer, layer_bytes=tuple(layers), fixed_bytes=fixed,
-                     kv_per_layer_token=(k_len + v_len) * n_head_kv * KV_BYTES)
+                     kv_per_layer_token=kv)
 
 
-def slots(config: dict[str, Any], info: ModelInfo, free: int) -> int:
+def slots(config: dict[str, Any], info: ModelInfo | tuple[int, int], free: int) -> int:
     """The model's slot count: its `parallel`, or for "auto" (or none) the rule of the
-    module note (Slots)."""
+    module note (Slots). `info`: the model's ModelInfo or its `kv_shape`."""
     p = config.get("parallel")
     if p not in (None, "auto"):
         return max(1, int(p))
-    per_slot = info.n_layer * int(config.get("context_size") or DEFAULT_CONTEXT) * info.kv_per_layer_token
+    n_layer, kv = (info.n_layer, info.kv_per_layer_token) if isinstance(info, ModelInfo) else info
+    per_slot = n_layer * int(config.get("context_size") or DEFAULT_CONTEXT) * kv
     return max(1, min(AUTO_SLOTS, int(free * AUTO_SHARE) // max(per_slot, 1)))
 
 

@@ -29,18 +29,19 @@ PAUSE_S = 0.1        # 0.1 s apart: a slow link, so a download outlasts the node
 def install_models(home, *model_ids: str) -> None:
     """The models installed in the shared models directory, as a user installs them: a
     node with no model of its own, an install job per model (POST /mesh/models/install),
-    polled until it ends (GET /mesh/jobs/ID; quick when the model is there). Not through
-    `mesh install` (tested on its own below)."""
+    followed to its end (GET /mesh/jobs/ID/events: the stream ends after the job's final
+    state; quick when the model is there). Not through `mesh install` (tested on its own
+    below)."""
     n = MeshNode(home, ["--no-models", "--no-mdns"]).start().wait_ready()
     try:
         for model_id in model_ids:
             job = httpx.post(n.api + "/mesh/models/install", json={"id": model_id},
                              timeout=60).json()
-            deadline = time.monotonic() + 1800
-            while (job := httpx.get(f"{n.api}/mesh/jobs/{job['id']}", timeout=60).json()
-                   )["state"] not in ("done", "failed"):
-                assert time.monotonic() < deadline, f"the install of {model_id} never ended"
-                time.sleep(0.2)
+            with httpx.stream("GET", f"{n.api}/mesh/jobs/{job['id']}/events",
+                              timeout=1800) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        job = json.loads(line[6:])
             assert job["state"] == "done", job
     finally:
         n.stop()

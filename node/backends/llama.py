@@ -43,7 +43,7 @@ from node.backends import RequestError, tools
 from node.backends.gbnf import JSON_GBNF, from_schema
 from node.backends.batching import BatchScheduler, Choices, Job, Sampling
 from node import resources
-from node.placement import model_info, slots
+from node.placement import kv_shape, slots
 from node.rpc import split_params
 
 log = logging.getLogger("node.backends.llama")
@@ -61,7 +61,6 @@ class LlamaBackend:
         self.model_path = model_path
         self.config = config
         self.n_ctx = int(config.get("context_size") or DEFAULT_CONTEXT)
-        self.parallel = slots(config, model_info(model_path), resources.read().ram_free)
         # default: the CPUs this process may run on (taskset, cgroup cpusets), not all
         self.threads = int(config.get("threads") or len(os.sched_getaffinity(0)))
         self.defaults: dict[str, Any] = dict(config.get("sampling") or {})
@@ -72,6 +71,8 @@ class LlamaBackend:
         mparams.n_gpu_layers = -1 if gpu_layers is None else int(gpu_layers)
         self._split = split_params(mparams, config)   # over RPC peers (node/rpc.py), or None
         self.model = LlamaModel(path_model=model_path, params=mparams, verbose=False)
+        meta = self.model.metadata()          # the loaded model's: no second read of the file
+        self.parallel = slots(config, kv_shape(meta), resources.read().ram_free)
         self.scheduler = BatchScheduler(self.model.model, self.model.vocab,
                                         n_slots=self.parallel, n_ctx_slot=self.n_ctx,
                                         threads=self.threads, flash_attn=True)
@@ -83,7 +84,7 @@ class LlamaBackend:
         eos_id, bos_id = self.model.token_eos(), self.model.token_bos()
         eos = self.model.token_get_text(eos_id) if eos_id != -1 else ""
         bos = self.model.token_get_text(bos_id) if bos_id != -1 else ""
-        template = config.get("chat_template") or self.model.metadata().get("tokenizer.chat_template")
+        template = config.get("chat_template") or meta.get("tokenizer.chat_template")
         self.formatter = (Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos,
                                               stop_token_ids=[eos_id]) if template else None)
         self.template_has_tools = bool(template and "tools" in template)
