@@ -180,7 +180,10 @@ def main() -> None:
     n_layer = model_info(path).n_layer
     args.layers = args.layers or f"0,{n_layer - n_layer // 2},{n_layer // 2}"
     token = run_cli("token").stdout.strip()
-    env = {"MESH_TOKEN": token, "MESH_RPC_THREADS": str(args.threads)}
+    # MESH_RPC_ISOLATE=0: the lenders' RPC servers on the host's loopback, so that "direct"
+    # (the worker connecting to them with no tunnel) can reach them; the tunnel setups use
+    # the same kind of socket either way (node/isolation.py hands the node a connected one)
+    env = {"MESH_TOKEN": token, "MESH_RPC_THREADS": str(args.threads), "MESH_RPC_ISOLATE": "0"}
     with tempfile.TemporaryDirectory() as tmp:
         nodes = {n: MeshNode(Path(tmp) / n, ["--name", n, "--no-models", "--no-mdns",
                                              "--offer-memory", "4GiB",

@@ -69,16 +69,18 @@ import socket
 import struct
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
+import psutil
 import trio
 
 from mesh import bulk
 from mesh.errors import MeshError, PeerError
+from mesh.localconn import owner_pid
 from mesh.wire.framing import FrameError, pack, read_frame
 
 __all__ = ["PROTOCOL", "BUFFER", "TunnelStats", "ModelFile", "LinkProbe", "serve_tunnel",
@@ -123,13 +125,16 @@ HOLD_MAX = 0.002             # s a fire-and-forget command may wait for company
 class TunnelStats:
     """Bytes through one tunnel (the loading node's side). `sent`/`received` are what
     crossed the link (records, framing included); `filled` the tensor bytes the lender
-    read from its own copy instead."""
+    read from its own copy instead; `refused` the local connections turned away because
+    no allowed process held them (mesh/localconn.py)."""
     sent: int = 0
     received: int = 0
     filled: int = 0
     streams: int = 0
     open: int = 0
     via: str = ""
+    refused: int = 0
+    port: int = 0               # the local end (127.0.0.1)
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,13 @@ class ModelFile:
     sha256: str
     path: str
     tensors: Mapping[str, tuple[int, int]]
+
+
+def _our_children() -> list[int]:
+    try:
+        return [p.pid for p in psutil.Process().children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 class _Broken(Exception):
@@ -685,13 +697,18 @@ async def _channel_to_tcp(chan, tcp: trio.SocketStream, count: Callable[[int], N
 
 async def serve_tunnel(p2p, peer_id: str, *, on_broken: Callable[[str], None],
                        stats: TunnelStats | None = None, model: ModelFile | None = None,
-                       side_channel: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
+                       side_channel: bool = True, allowed: Callable[[], Iterable[int]] | None = None,
+                       task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Listen on 127.0.0.1 (a free port, passed to `task_status.started`) and carry every
-    connection to `peer_id`'s RPC server. With `model` (the peer gossips that file), weight
+    connection from one of the `allowed()` processes (by default this process's children:
+    the node's workers) to `peer_id`'s RPC server; any other local process's connection is
+    closed unread (mesh/localconn.py). With `model` (the peer gossips that file), weight
     uploads are FILLs. Never returns; cancel it to close the tunnel (connections are reset)."""
+    allowed = allowed or _our_children
     stats = stats if stats is not None else TunnelStats()
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
+    stats.port = port
     name = peer_id[-8:]
     mm = None
     if model is not None:
@@ -699,6 +716,12 @@ async def serve_tunnel(p2p, peer_id: str, *, on_broken: Callable[[str], None],
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
 
     async def one(tcp: trio.SocketStream) -> None:
+        if owner_pid(tcp.socket, allowed()) is None:
+            stats.refused += 1
+            log.warning("RPC tunnel to %s: refused a local connection from a process that is "
+                        "not this node's worker", name)
+            await tcp.aclose()
+            return
         _nodelay(tcp)
         stats.streams += 1
         stats.open += 1
@@ -863,8 +886,8 @@ def make_handler(server, *, bulk_server: bulk.BulkServer | None = None,
                  find_file: FindFile = lambda sha: None) -> Callable[[object, str], Awaitable[None]]:
     """The `/mesh/rpc/2` handler: pipe each connection to the local RPC server.
 
-    `server` is node/rpc_server.py's RpcServer (`endpoint()`, `lender`), or None when this
-    node lends nothing; `find_file(sha256)` the path of an installed file (FILLs read it)."""
+    `server` is node/rpc_server.py's RpcServer (`endpoint()`, `connect()`, `lender`), or
+    None when this node lends nothing; `find_file(sha256)` the path of an installed file (FILLs read it)."""
 
     async def refuse(stream, error: str) -> None:
         await stream.write(pack({"ok": False, "error": error}))
@@ -902,7 +925,7 @@ def make_handler(server, *, bulk_server: bulk.BulkServer | None = None,
                     fh = open(path, "rb")
                 except OSError:
                     fh = None
-            await _serve(stream, peer, req, ep, fh, bulk_server)
+            await _serve(stream, peer, req, server.connect, fh, bulk_server)
         finally:
             if fh is not None:
                 fh.close()
@@ -911,8 +934,9 @@ def make_handler(server, *, bulk_server: bulk.BulkServer | None = None,
     return handler
 
 
-async def _serve(stream, peer: str, req: dict, ep, fh, server: bulk.BulkServer | None) -> None:
-    """Answer the request, set the channel up, then pipe (or answer a probe)."""
+async def _serve(stream, peer: str, req: dict, connect, fh, server: bulk.BulkServer | None) -> None:
+    """Answer the request, set the channel up, then pipe to a connection `connect()` makes
+    to the local RPC server (or answer a probe: `connect` None)."""
     offer = server.offer(peer, PURPOSE, req.get("bulk")) if server is not None else None
     await stream.write(pack({"ok": True, "bulk": offer.wire if offer else None,
                              "fill": fh is not None}))
@@ -933,10 +957,10 @@ async def _serve(stream, peer: str, req: dict, ep, fh, server: bulk.BulkServer |
         offer.withdraw(server)
     chan = chan or _Messages.over_stream(stream)
     try:
-        if ep is None:
+        if connect is None:
             await _answer_probe(chan)
         else:
-            await _pipe(stream, peer, chan, ep, fh)
+            await _pipe(stream, peer, chan, connect, fh)
     except (PeerError, _Broken) as exc:
         log.info("RPC tunnel from %s: %s", peer[-8:], getattr(exc, "message", None) or exc)
         await stream.reset()
@@ -944,12 +968,12 @@ async def _serve(stream, peer: str, req: dict, ep, fh, server: bulk.BulkServer |
         await chan.aclose()
 
 
-async def _pipe(stream, peer: str, chan, ep, fh) -> None:
+async def _pipe(stream, peer: str, chan, connect, fh) -> None:
     tcp = None
     try:
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
-                tcp = await trio.open_tcp_stream(*ep)
+                tcp = await connect()
         except (OSError, trio.TooSlowError) as exc:
             log.warning("RPC tunnel from %s: local RPC server unreachable: %s", peer[-8:], exc)
             await stream.reset()

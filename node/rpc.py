@@ -43,7 +43,10 @@ split then run the same kernels and answer the same greedy text (bench/rpc.py
 Server side. `ggml_backend_rpc_start_server(endpoint, cache_dir, n_threads, n_devices,
 devices)` blocks forever on the CPU device and serves one client at a time (others wait
 in its accept backlog). It has no authentication: it is only ever bound to loopback,
-and peers reach it through `/mesh/rpc/2` (mesh/tunnel.py). It prints "Accepted client
+and, started by a node (`--control-fd --isolate`), to the loopback of a network
+namespace of its own, which no other process can reach; the node gets its connections
+through the control socket (node/isolation.py) and peers reach it through `/mesh/rpc/2`
+(mesh/tunnel.py). It prints "Accepted client
 connection" / "Client connection closed" on stdout (flushed), which the parent reads
 (node/rpc_server.py). It ends only with its process.
 
@@ -56,12 +59,15 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from node.isolation import isolate_network, listening, serve_control
 
 __all__ = ["libs", "register_servers", "split_params", "SplitHandle", "main",
            "OUTPUT_TENSORS", "LOOPBACK"]
@@ -70,6 +76,7 @@ __all__ = ["libs", "register_servers", "split_params", "SplitHandle", "main",
 OUTPUT_TENSORS = r"^(output|output_norm|token_embd)\.(weight|bias)$"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 GGML_BACKEND_DEVICE_TYPE_CPU = 0
+READY_WAIT = 20.0           # s for the server to listen
 PARENT_CHECK = 0.5          # s between checks that the node that started the server lives
 
 
@@ -216,9 +223,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--control-fd", type=int, default=None,
+                    help="the node's end of the control socket (node/isolation.py)")
+    ap.add_argument("--isolate", action="store_true",
+                    help="serve in a network namespace of its own (needs --control-fd)")
     args = ap.parse_args(argv)
+    if args.control_fd is None:
+        if args.isolate:
+            raise SystemExit("--isolate needs --control-fd: nothing could reach the server")
+        _die_with_parent()
+        serve(args.host, args.port, args.cache_dir, args.threads)
+        return 1
+    # unshare first, while this process has one thread (a user namespace requires it)
+    isolation = isolate_network() if args.isolate else "none: isolation turned off"
+    ctrl = socket.socket(fileno=args.control_fd)
     _die_with_parent()
-    serve(args.host, args.port, args.cache_dir, args.threads)
+
+    def run() -> None:
+        try:
+            serve(args.host, args.port, args.cache_dir, args.threads)
+        except SystemExit as exc:
+            print(exc, file=sys.stderr, flush=True)
+        os._exit(1)
+    threading.Thread(target=run, daemon=True, name="rpc-server").start()
+    deadline = time.monotonic() + READY_WAIT
+    while not listening(args.port):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the RPC server did not listen on 127.0.0.1:{args.port}")
+        time.sleep(0.02)
+    serve_control(ctrl, args.port, isolation)
     return 1
 
 

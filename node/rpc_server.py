@@ -1,16 +1,20 @@
 """Parent side of the llama.cpp RPC server this node lends (`offer_memory > 0`).
 
-`RpcServer.serve` runs `python -m node.rpc` (node/rpc.py is the child) bound to
-127.0.0.1 on a free port, with its tensor cache under `<home>/rpc-cache` (llama.cpp keeps
-weights over 10 MiB there by hash and skips sending them on the next load; a lender that
-holds the model file gets every tensor from it instead: mesh/tunnel.py, FILL), and restarts it
-when it dies (back-off 0.2, 1, 3, 10 s while it keeps dying quickly). The port is never
-bound beyond loopback: peers reach the server only through `/mesh/rpc/2`
-(mesh/tunnel.py), whose handler asks `endpoint()` where it is.
+`RpcServer.serve` runs `python -m node.rpc` (node/rpc.py is the child) in a network
+namespace of its own, bound to that namespace's 127.0.0.1 on a free port, with its tensor
+cache under `<home>/rpc-cache` (llama.cpp keeps weights over 10 MiB there by hash and
+skips sending them on the next load; a lender that holds the model file gets every tensor
+from it instead: mesh/tunnel.py, FILL), and restarts it when it dies (back-off 0.2, 1, 3,
+10 s while it keeps dying quickly). No other process can reach it: `connect()` asks the
+child for a connection over the control socket it inherited (node/isolation.py), and
+peers reach the server only through `/mesh/rpc/2` (mesh/tunnel.py), whose handler calls
+`connect()`. Where the kernel refuses namespaces the server binds the host's loopback
+and `isolation` says `none: <why>` (gossiped in `rpc.isolation`; MESH_RPC_ISOLATE=0 turns
+the namespace off, for a comparison).
 
 Readiness: the server prints nothing when it starts listening, and a probe connection
-would count as a client, so the parent waits until the child's socket shows up as
-LISTEN (psutil), up to READY_TIMEOUT.
+would count as a client, so the child watches its own /proc/net/tcp and says `ready` on
+the control socket, up to READY_TIMEOUT.
 
 Memory: llama.cpp's server reports its host's RAM, not what it lends, so the figure
 gossiped as `rpc.free` is `offered - used`, where `used` is the growth of the server
@@ -24,6 +28,7 @@ and leaves ("Accepted client connection" / "Client connection closed").
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -37,6 +42,7 @@ import trio
 
 from mesh.tunnel import Lender
 from mesh.wire.state import RpcState
+from node.isolation import recv_socket
 from node.processes import Backoff, terminate_process
 
 log = logging.getLogger("node.rpc_server")
@@ -65,6 +71,10 @@ class RpcServer:
         self.cache_dir = home / "rpc-cache"
         self.port: int | None = None       # set while the server listens
         self.pid: int | None = None
+        self.isolation = ""                # node/isolation.py: "netns" or "none: <why>"
+        self.isolate = os.environ.get("MESH_RPC_ISOLATE", "1").lower() not in ("0", "false", "no", "off")
+        self._ctrl: trio.socket.SocketType | None = None
+        self._ctrl_lock = trio.Lock()
         self.restarts = 0
         self.clients = 0                   # connections the server is serving (0 or 1)
         self.lender = Lender()             # which peer holds the server (mesh/tunnel.py)
@@ -74,7 +84,23 @@ class RpcServer:
 
     # ------------------------------------------------------------------ state
     def endpoint(self) -> tuple[str, int] | None:
+        """Where the server listens (in its own namespace when isolated): None until ready."""
         return ("127.0.0.1", self.port) if self.port else None
+
+    async def connect(self) -> trio.SocketStream:
+        """A new connection to the server, made by the child in its namespace and passed
+        back over the control socket. OSError when it cannot be had."""
+        ctrl = self._ctrl
+        if ctrl is None or not self.port:
+            raise OSError("the RPC server is not running")
+        async with self._ctrl_lock:
+            await ctrl.send(b"c")
+            data, anc, _flags, _addr = await ctrl.recvmsg(256, socket.CMSG_SPACE(4))
+        sock = recv_socket(data, anc)
+        if sock is None:
+            reason = data[1:].decode(errors="replace").strip() if data[:1] == b"e" else "no answer"
+            raise OSError(f"the RPC server refused a connection: {reason}")
+        return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
@@ -85,12 +111,13 @@ class RpcServer:
 
     def state(self) -> RpcState:
         free = max(0, self.offered - self._used) if self.port else 0
-        return RpcState(offered=self.offered, free=free, used_by=self.lender.holder_now())
+        return RpcState(offered=self.offered, free=free, used_by=self.lender.holder_now(),
+                        isolation=self.isolation)
 
     def describe(self) -> dict:
         return {"offered": self.offered, "free": self.state().free, "used": self._used,
                 "listening": bool(self.port), "clients": self.clients, "holder": self.lender.holder_now(),
-                "pid": self.pid, "restarts": self.restarts}
+                "pid": self.pid, "restarts": self.restarts, "isolation": self.isolation}
 
     # ------------------------------------------------------------- supervisor
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -117,8 +144,11 @@ class RpcServer:
 
     async def _run_once(self, task_status) -> None:
         port = free_port()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         cmd = [sys.executable, "-m", "node.rpc", "--host", "127.0.0.1", "--port", str(port),
-               "--cache-dir", str(self.cache_dir)]
+               "--cache-dir", str(self.cache_dir), "--control-fd", str(theirs.fileno())]
+        if self.isolate:
+            cmd.append("--isolate")
         if self.threads:
             cmd += ["--threads", str(self.threads)]
         self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -126,21 +156,29 @@ class RpcServer:
         # when it leaves and the resident size follows what clients hold (glibc's default
         # threshold grows after the first free and keeps freed buffers in the heap).
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-        proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.DEVNULL, env=env,
-                                                stdout=subprocess.PIPE, start_new_session=True)
+        try:
+            proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.DEVNULL, env=env,
+                                                    stdout=subprocess.PIPE, start_new_session=True,
+                                                    pass_fds=(theirs.fileno(),))
+        finally:
+            theirs.close()
+        ctrl = trio.socket.from_stdlib_socket(ours)
         self.pid = proc.pid
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_stdout, proc)
-                if not await self._wait_listening(proc, port):
+                hello = await self._wait_ready(ctrl)
+                if hello is None:
                     log.error("RPC server (pid %s) did not listen on 127.0.0.1:%s", proc.pid, port)
                     nursery.cancel_scope.cancel()
                     return
+                self.isolation = str(hello.get("isolation") or "none: not reported")
+                self._ctrl = ctrl
                 self._baseline = _rss(proc.pid)
                 self.port = port
                 self._ready.set()
-                log.info("RPC server lending %.2f GiB on 127.0.0.1:%s (pid %s)",
-                         self.offered / 2**30, port, proc.pid)
+                log.info("RPC server lending %.2f GiB (pid %s, isolation: %s)",
+                         self.offered / 2**30, proc.pid, self.isolation)
                 self.on_change()
                 if task_status is not None:
                     task_status.started(self)
@@ -148,16 +186,26 @@ class RpcServer:
                 await proc.wait()
                 nursery.cancel_scope.cancel()
         finally:
+            self._ctrl = None
+            ctrl.close()
             with trio.CancelScope(shield=True):
                 await terminate_process(proc)
 
-    async def _wait_listening(self, proc: trio.Process, port: int) -> bool:
+    async def _wait_ready(self, ctrl) -> dict | None:
+        """The child's `ready` line (node/isolation.py), or None if it never came."""
+        buf = b""
         with trio.move_on_after(READY_TIMEOUT):
-            while proc.returncode is None:
-                if _listens(proc.pid, port):
-                    return True
-                await trio.sleep(0.05)
-        return False
+            while not buf.endswith(b"\n"):
+                chunk = await ctrl.recv(4096)
+                if not chunk:
+                    return None
+                buf += chunk
+            try:
+                hello = json.loads(buf)
+            except ValueError:
+                return None
+            return hello if isinstance(hello, dict) and hello.get("ready") else None
+        return None
 
     async def _read_stdout(self, proc: trio.Process) -> None:
         buf = b""
@@ -193,10 +241,3 @@ def _rss(pid: int) -> int:
     except (psutil.Error, OSError):
         return 0
 
-
-def _listens(pid: int, port: int) -> bool:
-    try:
-        conns = psutil.Process(pid).net_connections(kind="tcp")
-    except (psutil.Error, OSError, AttributeError):
-        return False
-    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)

@@ -10,8 +10,11 @@ it fits, against the same model unsplit on a node without a cap.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import httpx
@@ -24,7 +27,7 @@ from node.placement import (OVERHEAD, CannotFit, ModelInfo, PeerOffer, Pointless
                             model_info, place, slots)
 from gallery.catalog import load_index, resolve
 from gallery.store import Store
-from tests.procs import MeshNode, models_dir, run_cli
+from tests.procs import SMOLLM2_NO_END, MeshNode, models_dir, run_cli
 from tests.test_models_cli import install_models
 
 CHAT = "smollm2-135m-instruct"
@@ -237,17 +240,52 @@ def _rpc_server(node) -> psutil.Process:
     return next(k for k in kids if "node.rpc" in " ".join(k.cmdline()))
 
 
-def test_rpc_server_listens_on_loopback_only(mesh):
-    srv = _rpc_server(mesh["b"])
-    listening = [c for c in srv.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
-    assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening), listening
-    port = listening[0].laddr.port
+def _connect_as(uid: int, port: int) -> str:
+    """What a plain TCP connect to 127.0.0.1:port gets when made by another process with
+    this uid (not a child of any node): "refused", or what it read after sending an RPC
+    HELLO ("eof" when closed unanswered, "timeout" when left hanging, "answer" otherwise)."""
+    code = f"""
+import socket, sys
+s = socket.socket(); s.settimeout(5)
+try:
+    s.connect(("127.0.0.1", {port}))
+except ConnectionRefusedError:
+    print("refused"); sys.exit()
+s.sendall(bytes([14]) + (0).to_bytes(8, "little"))      # RPC_CMD_HELLO, no payload
+try:
+    print("answer" if s.recv(64) else "eof")
+except socket.timeout:
+    print("timeout")
+except ConnectionResetError:
+    print("eof")
+"""
+    r = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                        sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+NOBODY = 65534
+
+
+def test_rpc_server_is_out_of_reach_of_every_other_local_process(mesh):
+    b = mesh["b"]
+    assert node_entry(mesh["a"], "b")["rpc"]["isolation"] == "netns"
+    srv = _rpc_server(b)
+    cmd = srv.cmdline()
+    port = int(cmd[cmd.index("--port") + 1])
+    # it serves in a network namespace of its own: the port is not open in ours
+    assert os.readlink(f"/proc/{srv.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    for uid in (os.geteuid(), NOBODY):          # the node's own user included
+        assert _connect_as(uid, port) == "refused", uid
     others = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
-              if a.family == socket.AF_INET and not a.address.startswith("127.")]
+              if a.family == socket.AF_INET]
     for ip in others:
         with socket.socket() as s:
             s.settimeout(2)
             assert s.connect_ex((ip, port)) != 0, f"the RPC port answers on {ip}"
+    # the lender still lends: a's split over b works (the next tests), and b says so
+    assert "isolation: netns" in run_cli("status", "--wide", "--url", mesh["a"].api).stdout
 
 
 def test_a_pointless_split_is_refused_with_the_reason(mesh):
@@ -316,6 +354,44 @@ def test_split_gives_the_same_greedy_text_and_the_lender_fills_from_its_copy(mes
     # b read its weights from its own copy of the file: none crossed the tunnel
     tun = lenders_filled_their_layers(model_entry(a)["split"], CHAT)
     print(f"split load {load_s:.1f} s; tunnels {tun}")
+
+
+def test_a_tunnel_end_carries_only_the_node_s_own_worker(mesh):
+    a = mesh["a"]
+    if model_entry(a).get("split", {}).get("nodes") != ["a", "b"]:
+        pytest.skip("needs the split from the previous test")
+    port = model_entry(a)["split"]["tunnels"]["b"]["port"]
+    assert port
+    # any other process, the node's own user's included, is closed unanswered at once
+    # (carried, its HELLO would sit in b's RPC server's queue: "timeout")
+    assert _connect_as(os.geteuid(), port) == "eof"
+    assert _connect_as(NOBODY, port) == "eof"
+    assert eventually(lambda: model_entry(a)["split"]["tunnels"]["b"]["refused"] == 2), \
+        model_entry(a)["split"]["tunnels"]["b"]
+    assert "refused a local connection" in a.log_tail(10**5)
+    assert model_entry(a)["state"] == "loaded" and greedy(a, max_tokens=8).strip()
+
+
+def test_the_output_layer_stays_on_the_loading_node(mesh):
+    """Only hidden states cross the link per token (n_embd floats, ~10 KB with the KQ mask
+    and framing), not the logits (49,152 fp32 = 196 KB a token): node/rpc.py pins the
+    output layer here."""
+    a = mesh["a"]
+    if model_entry(a).get("split", {}).get("nodes") != ["a", "b"]:
+        pytest.skip("needs the split from the previous tests")
+
+    def moved():
+        t = model_entry(a)["split"]["tunnels"]["b"]
+        return t["sent"] + t["received"]
+    before = moved()
+    r = httpx.post(a.v1 + "/completions", timeout=300, json={
+        "model": CHAT, "prompt": PROMPT, "max_tokens": 48, "temperature": 0, "seed": 1,
+        "logit_bias": SMOLLM2_NO_END})          # no end of text: all 48 tokens
+    assert r.status_code == 200, r.text
+    n = r.json()["usage"]["completion_tokens"]
+    assert n == 48, r.json()["usage"]
+    per_token = (moved() - before) / n
+    assert 1_000 < per_token < 40_000, f"{per_token:.0f} bytes per token through the tunnel"
 
 
 def test_killed_peer_ends_the_stream_with_an_error_and_the_model_is_placed_again(mesh):

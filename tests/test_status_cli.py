@@ -215,8 +215,9 @@ def test_doctor_on_a_healthy_mesh(mesh):
     assert re.search(rf"^ok +p2p port +{LONG}: ", out, re.M), out
     assert re.search(r"^warn +mdns +no mDNS answer", out, re.M)       # both run --no-mdns
     assert re.search(r"^ok +clock ", out, re.M) and re.search(r"^ok +memory +a: ", out, re.M)
-    assert "RPC isolation: not enforced yet (issue 14)" in out and f"{LONG} lends memory" in out
-    assert out.count("fix: ") == 2                                  # mdns and rpc isolation
+    # the lender's RPC server sits in a network namespace of its own (node/isolation.py)
+    assert re.search(rf"^ok +rpc isolation +RPC servers: {LONG}: netns$", out, re.M), out
+    assert out.count("fix: ") == 1                                  # mdns only
     data = json.loads(doctor("--json", "--token", mesh["token"], node=mesh["b"]).stdout)
     assert data["failed"] == 0 and data["mesh"] == status_json(mesh["b"])["mesh"]
     assert {c["check"] for c in data["checks"]} == {"node", "token", "p2p port", "mdns", "clock",

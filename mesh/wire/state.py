@@ -56,6 +56,7 @@ class RpcState(_Wire):
     offered: int = Field(0, ge=0)
     free: int = Field(0, ge=0)
     used_by: str = ""                            # peer id of the node whose model it holds
+    isolation: str = ""                          # "netns" | "none: <why>" (node/isolation.py)
 
 
 class ModelState(_Wire):

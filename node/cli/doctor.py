@@ -15,8 +15,8 @@ Checks, in order (each ok | warn | FAIL | skip, with a fix line when not ok):
                  machine's: key revocations are ordered by time
   memory         free RAM (and VRAM) of every node, from its gossiped state
   rpc isolation  whether the llama.cpp RPC servers that nodes lend are closed to other
-                 local processes: reported from /mesh/status when a node says so, else
-                 "not enforced yet (issue 14)"
+                 local processes (each lender gossips it: "netns", its own network
+                 namespace, or "none: <why>"); a warning for each open one
 
 Exit status 1 when a check failed, 0 otherwise (warnings included).
 """
@@ -42,7 +42,6 @@ from node.cli.common import node_options, print_json
 CLOCK_WARN_S = 5.0       # Date headers have 1 s resolution; beyond this, clocks differ
 RAM_FAIL, RAM_WARN = 0.05, 0.15     # free fraction
 P2P_TIMEOUT_S = 2.0
-ISOLATION_TODO = "not enforced yet (issue 14)"
 
 
 @dataclass
@@ -243,16 +242,18 @@ def check_memory(status: dict) -> list[Finding]:
 
 def check_rpc(status: dict) -> list[Finding]:
     lenders = [n for n in status.get("nodes", []) if (n.get("rpc") or {}).get("offered")]
-    told = [(n["name"], n["rpc"]["isolation"]) for n in status.get("nodes", [])
-            if isinstance(n.get("rpc"), dict) and n["rpc"].get("isolation")]
-    if told:
-        return [Finding("rpc isolation", "ok", ", ".join(f"{name}: {how}" for name, how in told))]
-    who = (f"{', '.join(n['name'] for n in lenders)} lend{'s' if len(lenders) == 1 else ''} memory "
-           "(--offer-memory)") if lenders else "no node lends memory now"
-    return [Finding("rpc isolation", "warn" if lenders else "ok",
-                    f"RPC isolation: {ISOLATION_TODO}; {who}",
-                    "lend memory only on machines whose local users are all trusted: llama.cpp's "
-                    "RPC server accepts any local connection" if lenders else "")]
+    if not lenders:
+        return [Finding("rpc isolation", "ok", "no node lends memory now")]
+    how = [(n["name"], str(n["rpc"].get("isolation") or "not reported (an older node)")) for n in lenders]
+    open_ = [name for name, h in how if h != "netns"]
+    text = "RPC servers: " + ", ".join(f"{name}: {h}" for name, h in how)
+    if not open_:
+        return [Finding("rpc isolation", "ok", text)]
+    return [Finding("rpc isolation", "warn", text,
+                    f"{', '.join(open_)}: the RPC server is on the host's loopback, where any "
+                    "local user can reach it (llama.cpp's RPC has no authentication); lend memory "
+                    "there only if every local user is trusted, or allow network namespaces "
+                    "(root, or user.max_user_namespaces > 0)")]
 
 
 def diagnose(url: str, key: str | None, token: str | None, home: Path | None,

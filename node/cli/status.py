@@ -100,6 +100,8 @@ def compact(status: dict, width: int = 80) -> list[Text]:
         rpc = n.get("rpc") or {}
         if rpc.get("offered"):
             cells.append(f"lends {_gib(rpc.get('free'))[:-1]}/{_gib(rpc.get('offered'))} free")
+            if str(rpc.get("isolation") or "").startswith("none"):
+                cells.append(Text("RPC server open to local users", style="yellow"))
         cells.append(_host(n.get("api")))
         out.append(Text(""))
         out += pack(cells, width)
@@ -146,6 +148,8 @@ def wide(status: dict) -> Group:
         seen = max(0.0, now - float(n.get("last_seen") or now))
         rtt = "-" if n.get("rtt_ms") is None else f"{n['rtt_ms']:.2f} ms"
         lent = f"{_gib(rpc.get('free'))} of {_gib(rpc.get('offered'))}" if rpc.get("offered") else "-"
+        if rpc.get("offered") and rpc.get("isolation"):
+            lent += f"\nisolation: {rpc['isolation']}"
         nodes.add_row(escape(str(n.get("name"))), str(n.get("id") or "-"), str(n.get("state")),
                       str(n.get("api") or "-"), "\n".join(n.get("addrs") or []) or "-", rtt,
                       escape("\n".join(models)) or "-", _gib(mem.get("ram_free")),
