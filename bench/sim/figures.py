@@ -11,6 +11,7 @@ bench/sim/results/README.md. Runs are grouped so:
 
     .venv/bin/python -m bench.sim.figures                  # writes docs/scale/*.png
     .venv/bin/python -m bench.sim.figures --out /tmp/figs  # elsewhere
+    .venv/bin/python -m bench.sim.figures --tables         # docs/scale.md's tables (no matplotlib)
 
 Needs matplotlib (``pip install -e .[bench]``); nothing else in the project imports it.
 """
@@ -30,7 +31,7 @@ OUT = HERE.parents[1] / "docs" / "scale"
 DEFAULT_LOSS, DEFAULT_CHURN = 0.01, 0.02
 COLORS = {"v1": "tab:red", "current": "tab:blue"}
 
-__all__ = ["load", "main"]
+__all__ = ["load", "tables", "main"]
 
 
 def load(results: Path = RESULTS) -> list[dict[str, Any]]:
@@ -186,15 +187,73 @@ def figures(rows: list[dict[str, Any]], out: Path, variants_at: int) -> list[Pat
     return written
 
 
+def _f(x: Any, spec: str) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float) and math.isinf(x):
+        return "never"
+    return format(x, spec)
+
+
+_HEAD = [
+    ("design", lambda r: r["design"]),
+    ("nodes", lambda r: str(r["nodes"])),
+    ("scenario", _scenario),
+    ("measured s", lambda r: _f(r["seconds"], ".0f")),
+]
+COST = _HEAD + [
+    ("states/s", lambda r: _f(r["states_per_s"], ".0f")),
+    ("msgs in/node/s", lambda r: _f(r["msgs_in_per_s"], ".0f")),
+    ("KB in/node/s (p99)", lambda r: f"{_f(r['kb_in_per_s'], '.0f')} ({_f(r['kb_in_p99'], '.0f')})"),
+    ("KB out/node/s", lambda r: _f(r["kb_out_per_s"], ".0f")),
+    ("ping KB/s", lambda r: _f(r["ping_kb_per_s"], ".1f")),
+    ("gossip CPU (p99)", lambda r: f"{_f(100 * _num(r['cpu_mean']), '.0f')}% ({_f(100 * _num(r['cpu_p99']), '.0f')}%)"),
+    ("key-merge loop CPU", lambda r: f"{_f(100 * _num(r['daemon_merge_cpu']), '.0f')}%"),
+    ("copies dropped", lambda r: str(r["dropped_queue"])),
+]
+BEHAVIOUR = _HEAD + [
+    ("to 99%: p50 / p90 / max s", lambda r: f"{_f(r['spread_p50_s'], '.2f')} / {_f(r['spread_p90_s'], '.2f')} / "
+     f"{_f(r['spread_max_s'], '.2f')}" + (f" ({r['spread_never']} of {r['probes']} never)" if r["spread_never"] else "")),
+    ("false susp. (per obs-h)", lambda r: f"{r['false_suspicions']} ({_f(_num(r['false_per_obs_hour']), '.1f')})"),
+    ("freeze suspected by 99%: p50 s", lambda r: _f(_num(r["freeze_detect_p50_s"]), ".1f")
+     + (f" ({r['freeze_never']} of {r['freezes']} never)" if r["freeze_never"] else "")),
+    ("no free slot % (random server)", lambda r: f"{_f(_num(r['no_free_slot_pct']), '.1f')} "
+     f"({_f(_num(r['random_full_pct']), '.0f')})"),
+    ("to frozen %", lambda r: _f(_num(r["to_frozen_pct"]), ".2f")),
+    ("revocation 99% s", lambda r: " / ".join(_f(_num(x), ".2f") for x in r["revocation_s"]) or "-"),
+]
+
+
+def tables(rows: list[dict[str, Any]], variants_at: int = 100) -> str:
+    """docs/scale.md's tables, Markdown: the LAN scale series, then every run at
+    ``variants_at`` nodes; each as what it costs, then how the mesh behaves."""
+    series = [r for rs in _series(rows).values() for r in rs]
+    series.sort(key=lambda r: (r["nodes"], r["design"]))
+    variants = sorted((r for r in rows if r["nodes"] == variants_at),
+                      key=lambda r: (_scenario(r) != "lan", _scenario(r), r["design"]))
+    out = []
+    for title, rs in ((f"LAN, loss {100 * DEFAULT_LOSS:g}%, churn {DEFAULT_CHURN:g}/node/min", series),
+                      (f"{variants_at} nodes, every scenario", variants)):
+        for part, cols in (("cost", COST), ("behaviour", BEHAVIOUR)):
+            out += [f"#### {title}: {part}", "", "| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
+            out += ["| " + " | ".join(fn(r) for _, fn in cols) + " |" for r in rs]
+            out.append("")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.sim.figures", description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of --json files")
     ap.add_argument("--out", type=Path, default=OUT, help="folder for the PNGs")
     ap.add_argument("--variants-at", type=int, default=100, help="node count of the scenario bars")
+    ap.add_argument("--tables", action="store_true", help="print the Markdown tables instead")
     args = ap.parse_args(argv)
     rows = load(args.results)
     if not rows:
         raise SystemExit(f"{args.results}: no results (*.json from python -m bench.sim --json)")
+    if args.tables:
+        print(tables(rows, args.variants_at))
+        return
     try:
         import matplotlib  # noqa: F401
     except ImportError:
