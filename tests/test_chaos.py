@@ -1,0 +1,458 @@
+"""Chaos on network-namespace hosts (../shared/tools/netmesh.sh): faults a user's mesh meets,
+each asserting what a client sees within a generous bound, then that the mesh heals.
+
+Three hosts on one bridge: h1 is the entry point with no model (clients talk to it, from
+its namespace), h2 and h3 both serve SmolLM2 and lend 1 GiB for splits. Faults: SIGSTOP
+and kill -9 of the serving peer mid-stream and before a request, a cable cut mid-stream,
+the worker process killed mid-batch, a lender killed mid-split. After each one the fault
+is undone (SIGCONT, restart, cable back) and `mesh status` on h1 shows the peer alive.
+
+The clients are the official openai client and httpx, run in threads that entered h1's
+network namespace (setns(2) on that thread only), so every socket they open is h1's.
+Needs root and `ip netns`; skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import queue
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.procs import SMOLLM2_NO_END, MeshNode, run_cli
+from tests.test_netns import PREFIX, _why_not, in_ns, ip_of, netmesh
+
+CHAT = "smollm2-135m-instruct"
+BOUND_S = 30.0          # a client sees an answer or a readable error within this
+HEAL_S = 60.0           # a fault undone: the peer is back in `mesh status` within this
+CLONE_NEWNET = 0x40000000
+pytestmark = pytest.mark.netns
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def eventually(fn, timeout=15.0, interval=0.2):
+    """fn() until it returns a truthy value; its last value (None on a failure) at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = fn()
+        except (httpx.HTTPError, AssertionError, KeyError, TypeError, StopIteration,
+                psutil.Error, json.JSONDecodeError):
+            value = None
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def _enter_netns(name: str) -> None:
+    """Move the calling thread (only it) into the named network namespace."""
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {name}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+class Seat:
+    """Client threads in host i's network namespace."""
+
+    def __init__(self, i: int) -> None:
+        self.pool = ThreadPoolExecutor(4, thread_name_prefix=f"h{i}",
+                                       initializer=_enter_netns, initargs=(f"{PREFIX}-h{i}",))
+
+    def call(self, fn, *args, timeout: float = 120, **kw):
+        return self.pool.submit(fn, *args, **kw).result(timeout=timeout)
+
+    def submit(self, fn, *args, **kw):
+        return self.pool.submit(fn, *args, **kw)
+
+
+def api(i: int) -> str:
+    return f"http://{ip_of(i)}:8080"
+
+
+def _client(i: int = 1) -> openai.OpenAI:
+    return openai.OpenAI(base_url=api(i) + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+# ------------------------------------------------------------------ the mesh
+class Mesh:
+    def __init__(self, tmp, token: str) -> None:
+        self.tmp, self.token = tmp, token
+        self.nodes: dict[str, MeshNode] = {}
+        self.seat = Seat(1)
+        self.h1_addr = ""
+
+    def spec(self, i: int) -> MeshNode:
+        name = f"h{i}"
+        args = ["--name", name, "--host", ip_of(i), "--port", "8080", "--p2p-port", "4001",
+                "--token", self.token, "--no-mdns"]
+        env = {"MESH_RPC_THREADS": "1"}       # three nodes on a small machine
+        if i == 1:
+            # no model; a memory limit under which SmolLM2 cannot be held unsplit (the split case)
+            args += ["--no-models"]
+            env["MESH_MEMORY_LIMIT"] = "256MiB"
+        else:
+            args += ["--model", CHAT, "--offer-memory", "1GiB", "--peer", self.h1_addr]
+        return MeshNode(self.tmp / name, args, env=env,
+                        prefix=["ip", "netns", "exec", f"{PREFIX}-{name}"])
+
+    def start(self, i: int) -> MeshNode:
+        n = self.spec(i).start()
+        if i == 1:
+            self.h1_addr = n.wait_for(r"mesh: p2p (/ip4/198\.18\.\S+)").group(1)
+        self.nodes[f"h{i}"] = n
+        return n
+
+    def restart(self, name: str) -> MeshNode:
+        old = self.nodes[name]
+        if old.proc and old.proc.poll() is None:
+            old.stop()
+        return self.start(int(name[1:])).wait_ready()
+
+    # what h1 (or any host) sees, through the real CLI
+    def status(self, i: int = 1) -> dict:
+        r = in_ns(i, "status", "--json", "--url", api(i))
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def serving(self, i: int = 1) -> set[str]:
+        """Names of the alive nodes that host i's `mesh status` shows serving SmolLM2."""
+        try:
+            st = self.status(i)
+        except (AssertionError, json.JSONDecodeError):
+            return set()
+        return {n["name"] for n in st["nodes"] if n["state"] == "alive"
+                and any(m["id"] == CHAT and m["state"] == "loaded" for m in n["models"])}
+
+    def view(self, i: int = 1) -> dict:
+        """Host i's /mesh/status, fetched from h1's namespace (fast, for polling)."""
+        return self.seat.call(lambda: httpx.get(api(i) + "/mesh/status", timeout=5).json())
+
+    def entry(self, name: str, i: int = 1) -> dict:
+        return next(n for n in self.view(i)["nodes"] if n["name"] == name)
+
+    def healed(self) -> bool:
+        return self.serving(1) == {"h2", "h3"}
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    why = _why_not()
+    if why:
+        pytest.skip(why)
+    netmesh("down")                           # a run killed before its teardown
+    up = netmesh("up", "3")
+    assert up.returncode == 0, up.stderr
+    m = Mesh(tmp_path_factory.mktemp("chaos"), run_cli("token").stdout.strip())
+    try:
+        m.start(1).wait_ready()
+        m.start(2), m.start(3)
+        for n in ("h2", "h3"):
+            m.nodes[n].wait_ready()
+        assert eventually(m.healed, timeout=60), m.serving(1)
+        yield m
+    finally:
+        for n in m.nodes.values():
+            if n.proc and n.proc.poll() is None:
+                os.kill(n.proc.pid, signal.SIGCONT)
+            try:
+                n.stop()
+            except AssertionError:            # it did not stop on SIGTERM: killed instead
+                pass
+        m.seat.pool.shutdown(wait=False, cancel_futures=True)
+        netmesh("down")
+
+
+@pytest.fixture(autouse=True)
+def healthy(mesh):
+    """Each case starts on a healed mesh and leaves the entry node without a traceback."""
+    assert eventually(mesh.healed, timeout=HEAL_S), mesh.serving(1)
+    yield
+    assert "Traceback" not in mesh.nodes["h1"].log_tail(10**6)
+
+
+# ------------------------------------------------------------------ clients
+LONG = [{"role": "user", "content": "Tell a very long story about a lighthouse."}]
+
+
+def _long_stream(events: queue.Queue) -> None:
+    """A chat stream that cannot end early (end tokens banned), through h1; every event
+    goes to `events`: ("node", name), ("text", t)..., then ("error", exc) or ("end", None)."""
+    s = _client().chat.completions.create(model=CHAT, messages=LONG, stream=True, max_tokens=3000,
+                                          temperature=1.0, logit_bias=SMOLLM2_NO_END)
+    events.put(("node", s.response.headers.get("x-mesh-node")))
+    try:
+        for chunk in s:
+            if chunk.choices and chunk.choices[0].delta.content:
+                events.put(("text", chunk.choices[0].delta.content))
+    except Exception as exc:       # noqa: BLE001 (handed to the test, which asserts on it)
+        events.put(("error", exc))
+    else:
+        events.put(("end", None))
+    finally:
+        s.close()
+
+
+def _next(events: queue.Queue, deadline: float):
+    left = deadline - time.monotonic()
+    try:
+        return events.get(timeout=max(0.0, left))
+    except queue.Empty:
+        raise AssertionError(f"the client saw nothing for {BOUND_S:.0f} s: a hang") from None
+
+
+def stream_through_fault(mesh: Mesh, fault, after: int = 5, serving=("h2", "h3")
+                         ) -> tuple[str, Exception | None, float]:
+    """Start a long stream through h1; after `after` pieces of text call fault(serving
+    node's name); return (that name, the error the stream ended with, seconds from the
+    fault to the end). Fails when the stream does not end within BOUND_S of the fault."""
+    events: queue.Queue = queue.Queue()
+    fut = mesh.seat.submit(_long_stream, events)
+    deadline = time.monotonic() + 120          # the first pieces, on a loaded machine
+    kind, name = _next(events, deadline)
+    assert kind == "node" and name in serving, (kind, name)
+    got = 0
+    while got < after:
+        kind, value = _next(events, deadline)
+        assert kind == "text", (kind, value)
+        got += 1
+    fault(name)
+    at = time.monotonic()
+    deadline = at + BOUND_S
+    while True:
+        kind, value = _next(events, deadline)
+        if kind in ("error", "end"):
+            fut.result(timeout=10)
+            return name, value, time.monotonic() - at
+
+
+def assert_readable_error(exc, name: str, *words: str) -> None:
+    """The stream ended with the server's error event (the openai client raises it as
+    APIError), naming the peer, not with a broken connection or a normal end."""
+    assert exc is not None, "the stream ended normally, as if nothing happened"
+    assert type(exc) is openai.APIError, f"not the server's error event: {exc!r}"
+    assert f"'{name}'" in exc.message, exc.message
+    for w in words:
+        assert w in exc.message, exc.message
+
+
+def ask(i: int = 1) -> tuple[int, str, str]:
+    """One short chat through host i: (status, serving node, the answer or the error's message)."""
+    try:
+        raw = _client(i).chat.completions.with_raw_response.create(
+            model=CHAT, max_tokens=6, temperature=0,
+            messages=[{"role": "user", "content": "Say hi"}])
+    except openai.APIStatusError as exc:
+        body = exc.body if isinstance(exc.body, dict) else {}
+        return exc.status_code, exc.response.headers.get("x-mesh-node", ""), \
+            str(body.get("message") or body.get("error", {}).get("message") or exc)
+    return raw.http_response.status_code, raw.headers.get("x-mesh-node", ""), \
+        raw.parse().choices[0].message.content
+
+
+def served_despite(mesh: Mesh, down: str, up: str, tries: int = 3) -> list[tuple]:
+    """`tries` requests through h1 while `down` is out: each is served by `up` or gets a
+    clean error (an OpenAI-shaped 5xx), within BOUND_S; the last one is served."""
+    answers = []
+    for _ in range(tries):
+        t0 = time.monotonic()
+        status, node, text = mesh.seat.call(ask, timeout=BOUND_S)
+        answers.append((status, node, text, round(time.monotonic() - t0, 1)))
+        if status == 200:
+            assert node == up and text, answers
+        else:
+            assert status in (502, 503, 504) and text and "Traceback" not in text, answers
+    assert answers[-1][0] == 200, answers
+    return answers
+
+
+# ------------------------------------------------------------------ SIGSTOP
+def test_a_peer_frozen_mid_stream_ends_the_stream_with_a_readable_error(mesh) -> None:
+    frozen = []
+
+    def freeze(name):
+        os.kill(mesh.nodes[name].proc.pid, signal.SIGSTOP)
+        frozen.append(name)
+    try:
+        name, exc, took = stream_through_fault(mesh, freeze)
+    finally:
+        for n in frozen:
+            os.kill(mesh.nodes[n].proc.pid, signal.SIGCONT)
+    assert frozen == [name]
+    assert_readable_error(exc, name)
+    print(f"frozen {name}: the stream ended {took:.1f} s later: {exc.message}")
+    assert eventually(mesh.healed, timeout=HEAL_S), mesh.serving(1)      # back after SIGCONT
+    assert mesh.seat.call(ask, 1)[0] == 200
+
+
+def test_a_request_while_a_peer_is_frozen_is_served_by_the_other(mesh) -> None:
+    os.kill(mesh.nodes["h2"].proc.pid, signal.SIGSTOP)
+    try:
+        answers = served_despite(mesh, "h2", "h3")
+    finally:
+        os.kill(mesh.nodes["h2"].proc.pid, signal.SIGCONT)
+    print(f"h2 frozen: {answers}")
+    assert eventually(lambda: "h2" in mesh.serving(1) and "h2" in mesh.serving(3),
+                      timeout=HEAL_S), mesh.serving(1)
+    assert mesh.seat.call(ask, 2)[:2] == (200, "h2")       # and it serves again
+
+
+# ------------------------------------------------------------------ kill -9
+def test_a_peer_killed_mid_stream_ends_the_stream_with_a_readable_error(mesh) -> None:
+    killed = []
+
+    def kill(name):
+        mesh.nodes[name].stop(sig=signal.SIGKILL)
+        killed.append(name)
+    try:
+        name, exc, took = stream_through_fault(mesh, kill)
+        assert_readable_error(exc, name)
+        print(f"killed {name}: the stream ended {took:.1f} s later: {exc.message}")
+    finally:
+        for n in killed:
+            mesh.restart(n)
+    assert eventually(mesh.healed, timeout=HEAL_S), mesh.serving(1)
+    assert mesh.seat.call(ask, int(name[1:]))[:2] == (200, name)
+
+
+def test_a_request_after_a_peer_was_killed_is_served_by_the_other(mesh) -> None:
+    mesh.nodes["h2"].stop(sig=signal.SIGKILL)
+    try:
+        answers = served_despite(mesh, "h2", "h3")
+        print(f"h2 killed: {answers}")
+    finally:
+        mesh.restart("h2")
+    assert eventually(mesh.healed, timeout=HEAL_S), mesh.serving(1)
+    assert mesh.seat.call(ask, 2)[:2] == (200, "h2")
+
+
+# ------------------------------------------------------------------ a cable cut
+def test_a_cable_cut_mid_stream_ends_the_stream_with_a_readable_error(mesh) -> None:
+    cut = []
+
+    def unplug(name):
+        r = netmesh("cut", name[1:])
+        assert r.returncode == 0, r.stderr
+        cut.append(name)
+    try:
+        name, exc, took = stream_through_fault(mesh, unplug)
+        assert_readable_error(exc, name)
+        print(f"cut {name}'s cable: the stream ended {took:.1f} s later: {exc.message}")
+        # while the cable is out, h1 stops showing it alive, and a request is served
+        assert eventually(lambda: name not in mesh.serving(1), timeout=HEAL_S), mesh.serving(1)
+        other = ({"h2", "h3"} - {name}).pop()
+        assert mesh.seat.call(ask, timeout=BOUND_S)[:2] == (200, other)
+    finally:
+        for n in cut:
+            assert netmesh("heal", n[1:]).returncode == 0
+    assert eventually(mesh.healed, timeout=HEAL_S), mesh.serving(1)
+    assert mesh.seat.call(ask, int(name[1:]))[:2] == (200, name)
+
+
+# ------------------------------------------------------------------ a worker killed mid-batch
+def _lines(n: int) -> bytes:
+    return "".join(json.dumps({
+        "custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": CHAT, "max_tokens": 24, "temperature": 0,
+                 "messages": [{"role": "user", "content": f"Count to {i % 7 + 2}."}]}}) + "\n"
+        for i in range(n)).encode()
+
+
+def _worker(node: MeshNode) -> psutil.Process:
+    kids = psutil.Process(node.proc.pid).children(recursive=True)
+    return next(k for k in kids if "node.worker_main" in " ".join(k.cmdline()))
+
+
+def _model(mesh: Mesh, name: str) -> dict:
+    return next(m for m in mesh.entry(name)["models"] if m["id"] == CHAT)
+
+
+def test_a_worker_killed_mid_batch_still_completes_every_line_once(mesh) -> None:
+    c, n = _client(), 40
+    f = mesh.seat.call(c.files.create, file=("chaos.jsonl", _lines(n)), purpose="batch")
+    b = mesh.seat.call(c.batches.create, input_file_id=f.id, endpoint="/v1/chat/completions",
+                       completion_window="24h")
+    victim = _worker(mesh.nodes["h2"])
+    # h2 is running lines of the batch when its worker dies
+    assert eventually(lambda: mesh.seat.call(c.batches.retrieve, b.id).request_counts.completed >= 3
+                      and _model(mesh, "h2")["busy"] > 0, timeout=300, interval=0.1), \
+        mesh.seat.call(c.batches.retrieve, b.id)
+    victim.kill()
+    deadline = time.monotonic() + 600
+    while (done := mesh.seat.call(c.batches.retrieve, b.id)).status not in (
+            "completed", "failed", "expired", "cancelled"):
+        assert time.monotonic() < deadline, f"batch stuck: {done.status} {done.request_counts}"
+        time.sleep(0.25)          # polling is what a Batch API client does
+    assert done.status == "completed", (done.status, done.errors)
+    out = [json.loads(x) for x in mesh.seat.call(c.files.content, done.output_file_id)
+           .text.splitlines()]
+    ids = [x["custom_id"] for x in out]
+    assert ids == [f"req-{i}" for i in range(n)], ids          # every line once, none failed
+    assert {x["response"]["status_code"] for x in out} == {200}
+    assert (done.request_counts.completed, done.request_counts.failed) == (n, 0)
+    # the worker came back under its node: a new process, the model loaded, serving
+    assert not victim.is_running() or victim.status() == psutil.STATUS_ZOMBIE
+    assert eventually(lambda: _worker(mesh.nodes["h2"]).pid != victim.pid
+                      and _model(mesh, "h2")["state"] == "loaded", timeout=HEAL_S)
+    assert mesh.seat.call(ask, 2)[:2] == (200, "h2")
+
+
+# ------------------------------------------------------------------ a lender killed mid-split
+def _load(i: int, body: dict, timeout: float = 300) -> httpx.Response:
+    return httpx.post(api(i) + "/mesh/models/load", json=body, timeout=timeout)
+
+
+def _unload(i: int) -> httpx.Response:
+    return httpx.post(api(i) + "/mesh/models/unload", json={"id": CHAT}, timeout=60)
+
+
+def test_a_lender_killed_mid_split_ends_the_stream_and_the_model_is_placed_again(mesh) -> None:
+    seat = mesh.seat
+    for i in (2, 3):      # h1 alone serves SmolLM2: split over a lender (h1's memory limit)
+        assert seat.call(_unload, i).status_code == 200
+    killed = []
+    try:
+        assert eventually(lambda: mesh.serving(1) == set() and all(
+            mesh.entry(n)["rpc"]["free"] > 0 for n in ("h2", "h3")), timeout=HEAL_S)
+        r = seat.call(_load, 1, {"id": CHAT, "split": True}, timeout=400)
+        assert r.status_code == 200, r.text
+        lender = r.json()["split"]["nodes"][1]
+        assert r.json()["split"]["nodes"] == ["h1", lender] and lender in ("h2", "h3"), r.text
+        other = ({"h2", "h3"} - {lender}).pop()
+
+        def kill(_):
+            mesh.nodes[lender].stop(sig=signal.SIGKILL)
+            killed.append(lender)
+        _, exc, took = stream_through_fault(mesh, kill, serving=("h1",))
+        assert_readable_error(exc, lender)
+        print(f"killed lender {lender}: the stream ended {took:.1f} s later: {exc.message}")
+
+        def placed_again():
+            m = _model(mesh, "h1")
+            return m["state"] == "loaded" and m["split"]["nodes"] == ["h1", other] and m
+        m = eventually(placed_again, timeout=300, interval=0.5)
+        assert m, _model(mesh, "h1")
+        assert f"'{lender}'" in m["split"]["failure"], m["split"]
+        assert seat.call(ask, 1)[:2] == (200, "h1")
+    finally:
+        for n in killed:
+            mesh.restart(n)
+        seat.call(_unload, 1)
+        for i in (2, 3):
+            seat.call(_load, i, {"id": CHAT})
+    # the lender is back: alive in h1's status, lending again, serving its model
+    assert eventually(lambda: mesh.healed() and mesh.entry(lender)["rpc"]["free"] > 0,
+                      timeout=HEAL_S), mesh.entry(lender)
