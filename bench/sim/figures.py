@@ -46,6 +46,8 @@ def load(results: Path = RESULTS) -> list[dict[str, Any]]:
             raise SystemExit(f"{path}: expected a list of runs (python -m bench.sim --json)")
         for r in data:
             r["run"] = path.stem
+            # a run's JSON does not name its --router; the file name does (results/README.md)
+            r.setdefault("router", "two-choices" if "two-choices" in path.stem else "product")
             rows.append(r)
     return rows
 
@@ -60,15 +62,17 @@ def _scenario(r: dict[str, Any]) -> str:
         parts.append(f"loss {100 * r['loss']:g}%")
     if r["churn"] != DEFAULT_CHURN:
         parts.append(f"churn {r['churn']:g}/node/min")
+    if r["router"] != "product":
+        parts.append(f"{r['router']} router")
     return ", ".join(parts)
 
 
 def _series(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """The scale series: per design, LAN runs with default loss and churn, by node count
+    """The scale series: per design, LAN runs with default loss, churn and router, by node count
     (the longest run where one node count ran twice)."""
     out: dict[str, dict[int, dict[str, Any]]] = {}
     for r in rows:
-        if r["net"] != "lan" or r["loss"] != DEFAULT_LOSS or r["churn"] != DEFAULT_CHURN:
+        if r["net"] != "lan" or r["loss"] != DEFAULT_LOSS or r["churn"] != DEFAULT_CHURN or r["router"] != "product":
             continue
         by_n = out.setdefault(r["design"], {})
         old = by_n.get(r["nodes"])
