@@ -146,7 +146,7 @@ def figures(rows: list[dict[str, Any]], out: Path, variants_at: int) -> list[Pat
     _lines(ax, series, "cpu_p99", label=" gossip, p99 node", style="--s", scale=100)
     _lines(ax, series, "daemon_merge_cpu", label=" key-merge loop", style=":^", scale=100)
     ax.axhline(100, color="black", lw=0.8)
-    _axes(ax, "CPU of one core per node, gossip only", "% of a core", logy=True)
+    _axes(ax, "CPU per node: gossip, and node/daemon.py's key-merge loop", "% of one core", logy=True)
     save(fig, "cpu.png")
 
     # 4. false suspicions
@@ -185,7 +185,8 @@ def figures(rows: list[dict[str, Any]], out: Path, variants_at: int) -> list[Pat
             ax.set_xticklabels(scen, rotation=20, ha="right", fontsize=8)
             ax.set_title(title, fontsize=10)
             ax.grid(True, axis="y", alpha=0.3)
-        axs[0].legend(fontsize=8)
+        handles, labels = axs[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper right", fontsize=8)
         fig.suptitle(f"{variants_at} nodes: scenarios", fontsize=11)
         save(fig, "variants.png")
     return written
