@@ -68,6 +68,11 @@ class NodeBook:
     def revoked(self) -> set[str]:
         return {p for p, r in self.records.items() if r.revoked}
 
+    def first_seen(self, peer_id: str) -> float | None:
+        """When this node first saw the peer (None: never)."""
+        rec = self.records.get(peer_id)
+        return rec.first_seen if rec else None
+
     def wire(self) -> list[dict[str, Any]]:
         """What this node gossips: the revocations (sightings stay local)."""
         return [r.model_dump(include={"peer_id", "name", "revoked", "rev", "updated",

@@ -21,16 +21,32 @@ reveals nothing about another or about the secret):
                each other. 10 is the most that fits: DNS-SD service names are at most 15
                bytes and ``p2p-`` takes 4 (zeroconf enforces it). It is not a secret.
 
-The token never travels over the wire, is never logged (``repr``/``str`` show only the
-mesh id), and is stored 0600 by ``store_token``.
+The token never travels over the wire in the clear, is never logged (``repr``/``str`` show
+only the mesh id), and is stored 0600 by ``store_token``. The one time a token crosses the
+wire is a rotation (below), inside an admitted, Noise-encrypted stream.
+
+Rotation (``MeshSecrets``). ``mesh token rotate`` replaces the token without a restart:
+the new token becomes ``current`` and the old one ``retiring`` until ``retire_at`` (wall
+clock, the same deadline on every node). During the grace period a node *sends* with the
+retiring keys (every member still holding only the old token can read it) and *accepts*
+both; after it, it sends and accepts only the new one. Connections made during the grace
+period stay up at its end only for peers that proved they hold the new token (a MAC of
+their peer id with the new hmac key, gossiped: ``proof``); mesh/p2p/rekey.py has the
+protocol. ``<home>/token`` then holds the new token and ``<home>/token-rotation.json``
+(0600) the retiring one with its deadline and the fingerprints of every token retired
+here, so a node restarted with its old ``--token`` uses the new one (``resolve_secrets``)
+and one started with a fresh home and the old token is refused by the mesh.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
+import json
 import os
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -41,7 +57,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mesh.errors import BadRequest
 
-__all__ = ["MeshKeys", "Token", "new_token", "parse_token", "store_token", "load_token", "TOKEN_FILE"]
+__all__ = ["MeshKeys", "MeshSecrets", "Token", "new_token", "parse_token", "store_token", "load_token",
+           "store_secrets", "resolve_secrets", "TOKEN_FILE", "ROTATION_FILE"]
 
 TOKEN_PREFIX = "mesh1-"
 SECRET_BYTES = 32            # 256-bit secret (design brief, "Protocols")
@@ -49,6 +66,8 @@ _CHECKSUM_BYTES = 4
 _HKDF_SALT = b"inference-mesh/token/v1"
 MESH_ID_HEX = 10             # see the module note: 15-byte DNS-SD limit minus "p2p-"
 TOKEN_FILE = "token"         # <home>/token, mode 0600
+ROTATION_FILE = "token-rotation.json"   # <home>/token-rotation.json, mode 0600 (see "Rotation")
+MAX_GRACE = 7 * 24 * 3600    # s; the longest grace period a rotation may ask for
 _MAX_TOKEN_CHARS = 8192      # a token with a handful of bootstrap addresses is ~300
 _B32_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
 
@@ -88,6 +107,11 @@ class Token:
     @property
     def mesh_id(self) -> str:
         return self.keys.mesh_id
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A public name for this token's secret (not enough to rebuild any key)."""
+        return hashlib.sha256(b"inference-mesh/token/fingerprint|" + self.secret).hexdigest()[:32]
 
     def encode(self) -> str:
         """The token string (``mesh1-...``). Treat the result as a secret."""
@@ -156,21 +180,25 @@ def parse_token(s: str) -> Token:
     return Token(secret, _check_bootstrap([a for a in text.split("\n") if a]))
 
 
-def store_token(home: Path, token: Token | str) -> Path:
-    """Write the token to ``<home>/token`` with mode 0600 (atomically); returns the path."""
-    text = token.encode() if isinstance(token, Token) else parse_token(token).encode()
-    home = Path(home)
-    home.mkdir(parents=True, exist_ok=True)
-    path = home / TOKEN_FILE
-    tmp = home / f".{TOKEN_FILE}.{os.getpid()}.tmp"
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)
-        os.write(fd, (text + "\n").encode())
+        os.write(fd, text.encode())
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def store_token(home: Path, token: Token | str) -> Path:
+    """Write the token to ``<home>/token`` with mode 0600 (atomically); returns the path."""
+    text = token.encode() if isinstance(token, Token) else parse_token(token).encode()
+    path = Path(home) / TOKEN_FILE
+    _write_private(path, text + "\n")
     return path
 
 
@@ -184,3 +212,110 @@ def load_token(home: Path) -> Token | None:
     if st.st_mode & 0o077:
         os.chmod(path, 0o600)
     return parse_token(path.read_text())
+
+
+_PROOF_DOMAIN = b"mesh/rekey/1|"
+
+
+class MeshSecrets:
+    """The token(s) a node holds: ``current``, and during a rotation's grace period the
+    ``retiring`` one until ``retire_at`` (see "Rotation" in the module note). Every layer
+    that signs, seals or checks (pnet, admission, gossip) asks this object, each time, so a
+    rotation takes effect without rebuilding anything."""
+
+    def __init__(self, current: Token, retiring: Token | None = None, retire_at: float = 0.0,
+                 superseded: Sequence[str] = ()) -> None:
+        self.current = current
+        self.retiring = retiring
+        self.retire_at = retire_at if retiring is not None else 0.0
+        self.superseded: list[str] = list(dict.fromkeys(superseded))   # fingerprints retired here
+
+    def __repr__(self) -> str:
+        return (f"MeshSecrets(mesh_id={self.mesh_id!r}, "
+                f"retiring={self.retiring.mesh_id if self.retiring else None!r})")
+
+    def in_grace(self, now: float | None = None) -> bool:
+        return self.retiring is not None and (time.time() if now is None else now) < self.retire_at
+
+    @property
+    def mesh_id(self) -> str:
+        return self.current.mesh_id
+
+    @property
+    def sending(self) -> MeshKeys:
+        """The keys this node signs and encrypts with now."""
+        return self.retiring.keys if self.in_grace() and self.retiring is not None else self.current.keys
+
+    @property
+    def accepted(self) -> list[MeshKeys]:
+        """The keys this node accepts now, the current token's first."""
+        keys = [self.current.keys]
+        if self.in_grace() and self.retiring is not None:
+            keys.append(self.retiring.keys)
+        return keys
+
+    def psks(self) -> tuple[bytes, list[bytes]]:
+        return self.sending.psk, [k.psk for k in self.accepted]
+
+    def hmac_keys(self) -> list[bytes]:
+        return [k.hmac_key for k in self.accepted]
+
+    def rotate(self, new: Token, retire_at: float) -> None:
+        """``new`` becomes current; the current one retires at ``retire_at``."""
+        if new == self.current:
+            return
+        self.retiring, self.retire_at = self.current, retire_at
+        self.superseded = [*dict.fromkeys([*self.superseded, self.current.fingerprint])]
+        self.current = new
+
+    def retire(self) -> None:
+        """The grace period is over: forget the retiring token."""
+        self.retiring, self.retire_at = None, 0.0
+
+    def proof(self, node_id: bytes) -> bytes:
+        """What a node gossips to show it holds the current token (bound to its peer id)."""
+        return hmac.new(self.current.keys.hmac_key, _PROOF_DOMAIN + node_id, hashlib.sha256).digest()
+
+    def check_proof(self, node_id: bytes, proof: bytes) -> bool:
+        return bool(proof) and hmac.compare_digest(proof, self.proof(node_id))
+
+
+def store_secrets(home: Path, s: MeshSecrets) -> None:
+    """``<home>/token`` (the current token) and ``<home>/token-rotation.json``, both 0600."""
+    store_token(home, s.current)
+    _write_private(Path(home) / ROTATION_FILE, json.dumps({
+        "retiring": s.retiring.encode() if s.retiring else None, "retire_at": s.retire_at,
+        "superseded": s.superseded}, indent=1) + "\n")
+
+
+def resolve_secrets(home: Path, configured: Token) -> tuple[MeshSecrets, str]:
+    """The secrets a node starts with, given the token it was configured with, and a note
+    for the log ("" when there is nothing to say). A configured token that a rotation
+    here superseded gives way to the stored current one; any other configured token wins
+    (the operator gave this node a token by hand)."""
+    home = Path(home)
+    try:
+        rot = json.loads((home / ROTATION_FILE).read_text())
+        stored = load_token(home)
+    except FileNotFoundError:
+        return MeshSecrets(configured), ""
+    except (ValueError, OSError, BadRequest) as exc:
+        return MeshSecrets(configured), f"ignored {home / ROTATION_FILE}: {exc}"
+    if stored is None or not isinstance(rot, dict):
+        return MeshSecrets(configured), ""
+    superseded = [str(f) for f in rot.get("superseded") or []]
+    retiring = None
+    if rot.get("retiring") and float(rot.get("retire_at") or 0) > time.time():
+        try:
+            retiring = parse_token(str(rot["retiring"]))
+        except BadRequest:
+            retiring = None
+    secrets_ = MeshSecrets(stored, retiring, float(rot.get("retire_at") or 0), superseded)
+    if configured == stored:
+        return secrets_, ""
+    if configured.fingerprint in superseded:
+        return secrets_, (f"the configured mesh token (mesh {configured.mesh_id}) was rotated; this node "
+                          f"uses the new one from {home / TOKEN_FILE} (mesh {stored.mesh_id}): "
+                          "update --token / MESH_TOKEN")
+    return MeshSecrets(configured), (f"the configured mesh token (mesh {configured.mesh_id}) is not the "
+                                     f"one stored in {home / TOKEN_FILE}: using the configured one")

@@ -44,7 +44,7 @@ from mesh.proxy import PROTOCOL as PROXY_PROTOCOL, ProxyClient, make_handler as 
 from mesh.records import PROTOCOL as RECORDS_PROTOCOL, RecordClient
 from mesh.records import make_handler as make_records_handler
 from mesh.router import Router
-from mesh.token import parse_token
+from mesh.token import parse_token, resolve_secrets, store_secrets
 from mesh.tunnel import PROTOCOL as RPC_PROTOCOL, make_handler as make_rpc_handler
 from mesh.wire.inference import feature_of
 from node.agents import Agents, AgentStore, NodeTools
@@ -149,12 +149,16 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
 
         shutdown = trio.Event()
         if token is not None:
+            secrets, note = resolve_secrets(config.home, token)
+            if note:
+                say(note)
             p2p = await stack.enter_async_context(open_p2p(
-                home=config.home, token=token, name=config.name, listen_host=config.host,
+                home=config.home, token=secrets, name=config.name, listen_host=config.host,
                 p2p_port=config.p2p_port, peers=config.peers, mdns=config.mdns,
-                state=lambda: _gossiped(svc)))
+                state=lambda: _gossiped(svc), on_rotated=lambda s: store_secrets(config.home, s)))
             svc.keyring.node_id = p2p.peer_id
             svc.nodes = NodeBook(config.home, p2p.peer_id)
+            p2p.first_seen = svc.nodes.first_seen
             svc.nodes.seen(p2p.peer_id, config.name)
             await p2p.revoke(svc.nodes.revoked())
             svc.p2p = p2p

@@ -169,6 +169,10 @@ class Services:
         if self.p2p:
             me_short.update(denied=self.p2p.denied_count,
                             rejected_gossip=self.p2p.rejected_gossip_count)
+            sec = self.p2p.secrets
+            if sec.in_grace():          # a token rotation (mesh/p2p/rekey.py) in its grace period
+                warnings.append(f"mesh token rotated: the old token (mesh {sec.retiring.mesh_id}) "
+                                f"stops working in {sec.retire_at - time.time():.0f} s")
         return {"self": me_short,
                 "mesh": self.p2p.mesh_id if self.p2p else None, "nodes": nodes,
                 "warnings": warnings}

@@ -28,6 +28,9 @@ handshake is still running waits for it (bounded by ``ADMIT_TIMEOUT``): the peer
 open streams the moment its side of the handshake is done, before ours is. Streams of
 peers that are denied or never admitted are reset.
 
+Keys: a side MACs with the key it sends with and checks the other's MAC against every key
+it accepts (one, or two during a token rotation's grace period: mesh/token.py).
+
 Timing: the handshake is two round trips plus four HMACs, ~5-10 ms on loopback.
 """
 
@@ -38,7 +41,7 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -73,6 +76,10 @@ def _mac(key: bytes, role: bytes, id_i: bytes, id_r: bytes, n_i: bytes, n_r: byt
     return hmac.new(key, b"mesh/admit/1|" + role + id_i + id_r + n_i + n_r, hashlib.sha256).digest()
 
 
+def _check(mac: bytes, keys: Sequence[bytes], role: bytes, *parts: bytes) -> bool:
+    return any(hmac.compare_digest(mac, _mac(k, role, *parts)) for k in keys)
+
+
 class _Denied(Exception):
     pass
 
@@ -96,11 +103,15 @@ class Admission:
     State only: the tasks that run handshakes live in ``serve_admission``.
     """
 
-    def __init__(self, host: Any, hmac_key: bytes, *,
+    def __init__(self, host: Any, hmac_key: bytes | Callable[[], tuple[bytes, Sequence[bytes]]], *,
                  on_admitted: Callable[[str], None] = lambda p: None,
                  on_denied: Callable[[str, str], None] = lambda p, r: None) -> None:
         self._host = host
-        self._key = hmac_key
+        if isinstance(hmac_key, bytes):
+            fixed = (hmac_key, [hmac_key])
+            self._keys: Callable[[], tuple[bytes, Sequence[bytes]]] = lambda: fixed
+        else:
+            self._keys = hmac_key
         self._me = host.get_id()
         self._peers: dict[ID, _Entry] = {}
         self._on_admitted = on_admitted
@@ -150,6 +161,11 @@ class Admission:
             e.status, e.denied_at, e.reason = "denied", time.monotonic(), "revoked"
             e.settled.set()
         log.warning("revoked peer %s: its connections are closed and refused", peer)
+        await self._drop(peer, None)
+
+    async def expel(self, peer: ID, reason: str) -> None:
+        """Deny `peer` (for ``DENY_TTL``, as a failed handshake) and close its connections."""
+        self._deny(peer, reason)
         await self._drop(peer, None)
 
     def _admit(self, peer: ID) -> None:
@@ -222,8 +238,9 @@ class Admission:
                 id_i, id_r = self._me.to_bytes(), peer.to_bytes()
                 # Answer even when R's proof is wrong, so R can judge us too and both
                 # sides deny each other in this one exchange.
-                await stream.write(_mac(self._key, b"I", id_i, id_r, n_i, n_r))
-                if not hmac.compare_digest(mac_r, _mac(self._key, b"R", id_i, id_r, n_i, n_r)):
+                send, accepted = self._keys()
+                await stream.write(_mac(send, b"I", id_i, id_r, n_i, n_r))
+                if not _check(mac_r, accepted, b"R", id_i, id_r, n_i, n_r):
                     raise _Denied("its admission proof is wrong (it holds a different mesh token)")
                 ok = await _read_exactly(stream, 1)
                 if ok != _OK:
@@ -253,9 +270,10 @@ class Admission:
                 n_i = await _read_exactly(stream, _NONCE)
                 n_r = os.urandom(_NONCE)
                 id_i, id_r = peer.to_bytes(), self._me.to_bytes()
-                await stream.write(n_r + _mac(self._key, b"R", id_i, id_r, n_i, n_r))
+                send, accepted = self._keys()
+                await stream.write(n_r + _mac(send, b"R", id_i, id_r, n_i, n_r))
                 mac_i = await _read_exactly(stream, _MAC)
-                if not hmac.compare_digest(mac_i, _mac(self._key, b"I", id_i, id_r, n_i, n_r)):
+                if not _check(mac_i, accepted, b"I", id_i, id_r, n_i, n_r):
                     raise _Denied("its admission proof is wrong (it holds a different mesh token)")
                 if denied:
                     await self._drop(peer, stream)

@@ -65,7 +65,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -220,16 +220,18 @@ async def open_pubsub(host: Any, gate: Callable[[Callable[..., Awaitable[None]]]
 class StateValidator:
     """The topic validator; ``rejected`` counts what it turned away."""
 
-    def __init__(self, *, me: ID, hmac_key: bytes, is_admitted: Callable[[ID], bool]) -> None:
+    def __init__(self, *, me: ID, hmac_key: bytes | Callable[[], Sequence[bytes]],
+                 is_admitted: Callable[[ID], bool]) -> None:
         self._me = me
-        self._key = hmac_key
+        self._keys: Callable[[], Sequence[bytes]] = (
+            (lambda: [hmac_key]) if isinstance(hmac_key, bytes) else hmac_key)
         self._is_admitted = is_admitted
         self.rejected = 0
 
     def check(self, forwarder: ID, msg: Any) -> NodeState:
         if forwarder != self._me and not self._is_admitted(forwarder):
             raise BadMessage(f"forwarded by non-admitted peer {forwarder}")
-        state = open_sealed(msg.data, self._key)
+        state = open_sealed(msg.data, self._keys())
         if state.node_id != ID(msg.from_id).to_base58():
             raise BadMessage("node_id does not match the message's signed sender")
         return state
@@ -247,11 +249,13 @@ class StateValidator:
 class Publisher:
     """Publishes our sealed state each period and soon after ``notify()`` (``Pacer``)."""
 
-    def __init__(self, pubsub: Pubsub | None, *, hmac_key: bytes, state: Callable[[], NodeState],
-                 node_id: str, addrs: Callable[[], list[str]],
-                 mesh_size: Callable[[], int] | None = None, pacer: Pacer | None = None) -> None:
+    def __init__(self, pubsub: Pubsub | None, *, hmac_key: bytes | Callable[[], bytes],
+                 state: Callable[[], NodeState], node_id: str, addrs: Callable[[], list[str]],
+                 mesh_size: Callable[[], int] | None = None, pacer: Pacer | None = None,
+                 rekey: Callable[[], str] | None = None) -> None:
         self._pubsub = pubsub
-        self._key = hmac_key
+        self._key: Callable[[], bytes] = (lambda: hmac_key) if isinstance(hmac_key, bytes) else hmac_key
+        self._rekey = rekey
         self._state = state
         self._node_id = node_id
         self._addrs = addrs
@@ -282,13 +286,15 @@ class Publisher:
         state = self._state()
         update: dict[str, Any] = {"node_id": self._node_id, "addrs": self._addrs(), "seq": self._seq,
                                   "ts": time.time(), "period": self.pacer.period(n)}
+        if self._rekey is not None:
+            update["rekey"] = self._rekey()
         if not self._keys.take(state.keys, now, n - 1):
             update["keys"] = []
         return state.model_copy(update=update)
 
     async def publish_now(self) -> None:
         try:
-            data = seal(self.stamped(trio.current_time()), self._key)
+            data = seal(self.stamped(trio.current_time()), self._key())
         except Exception:
             log.exception("cannot build this node's state; skipping one gossip tick")
             return
@@ -325,7 +331,7 @@ async def serve_subscriber(pubsub: Pubsub, validator: StateValidator, on_state: 
             continue
         try:
             # Validated already; parse again rather than share state with the validator.
-            state = open_sealed(msg.data, validator._key)
+            state = open_sealed(msg.data, validator._keys())
         except BadMessage:
             continue
         on_state(origin.to_base58(), state)

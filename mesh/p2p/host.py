@@ -209,7 +209,7 @@ def build_host(key_pair: KeyPair, transport: PnetTCP) -> IHost:
 
 
 @asynccontextmanager
-async def open_host(key_pair: KeyPair, psk: bytes, *, listen_host: str, port: int,
+async def open_host(key_pair: KeyPair, psk: bytes | Callable[[], tuple[bytes, Sequence[bytes]]], *, listen_host: str, port: int,
                     on_mismatch: Callable[[tuple[str, int] | None], None]) -> AsyncIterator[IHost]:
     """Run a host listening on ``listen_host:port`` for the duration of the block."""
     addrs = listen_addrs_for(listen_host, port)

@@ -7,6 +7,7 @@
     gossip      mesh/p2p/gossip.py     our sealed NodeState every second and on notify_changed()
     view        mesh/view.py       membership from gossip, suspect/drop timers, RTT
     discovery   mesh/p2p/discovery.py  static peers (re-dialed forever), mDNS (optional)
+    rekey       mesh/p2p/rekey.py      token rotation: push, grace period, retirement
 
 plus three small services of its own:
 
@@ -56,14 +57,15 @@ from libp2p.peer.id import ID
 
 from mesh.p2p.admission import ADMIT_TIMEOUT, Admission, serve_admission
 from mesh.p2p.discovery import DIAL_TIMEOUT, open_mdns, serve_static_peer
-from mesh.errors import AdmissionDenied, MeshError, PeerError
+from mesh.errors import AdmissionDenied, BadRequest, Conflict, MeshError, PeerError
 from mesh.p2p.gossip import Publisher, StateValidator, open_pubsub, serve_subscriber
 from mesh.p2p.host import (SelfDial, _reason, _value, connect_addr, dial, open_host, resolve_dns,
                            split_peer_addr)
 from mesh.p2p.identity import load_or_create_identity
-from mesh.token import Token
+from mesh.token import MeshSecrets, Token, new_token, parse_token
 from mesh.view import Connected, Disconnected, StateSeen, Tick, View
 from mesh.p2p.ping import PING_PROTOCOL, handle_ping, serve_pings
+from mesh.p2p import rekey
 from mesh.p2p.stream import Stream
 from mesh.wire.state import NodeState
 
@@ -104,17 +106,25 @@ class _Mismatches:
 class P2P:
     """The running p2p layer. Made by ``open_p2p``; valid inside its ``async with`` block."""
 
-    def __init__(self, host: Any, token: Token, name: str) -> None:
+    def __init__(self, host: Any, secrets: MeshSecrets, name: str,
+                 on_rotated: Callable[[MeshSecrets], None] = lambda s: None) -> None:
         self._host = host
-        self._keys = token.keys
+        self.secrets = secrets
+        self._on_rotated = on_rotated
+        # when the node first saw a peer (None: never); the node sets it from its book
+        # of admitted nodes (mesh/nodes.py); a rotation is pushed during its grace period
+        # only to peers first seen before it (rekey.py)
+        self.first_seen: Callable[[str], float | None] = lambda peer: None
+        self._rotated_at = 0.0
+        self._rotation = trio.Event()      # set and replaced on every rotation
         self._me: ID = host.get_id()
         self.peer_id: str = self._me.to_base58()
         self.name = name
         self.view = View()
         self._mism = _Mismatches()
-        self._admission = Admission(host, self._keys.hmac_key, on_admitted=self._on_admitted,
-                                    on_denied=self._on_denied)
-        self._validator = StateValidator(me=self._me, hmac_key=self._keys.hmac_key,
+        self._admission = Admission(host, lambda: (secrets.sending.hmac_key, secrets.hmac_keys()),
+                                    on_admitted=self._on_admitted, on_denied=self._on_denied)
+        self._validator = StateValidator(me=self._me, hmac_key=secrets.hmac_keys,
                                          is_admitted=self._admission.is_admitted)
         self._publisher: Publisher | None = None
         self._conn_changed = trio.Event()
@@ -125,7 +135,54 @@ class P2P:
     # ------------------------------------------------------------------ public
     @property
     def mesh_id(self) -> str:
-        return self._keys.mesh_id
+        return self.secrets.mesh_id
+
+    async def rotate(self, grace_s: float) -> dict[str, Any]:
+        """Replace the mesh token (rekey.py): a new one for every admitted peer now; the
+        old one retires in ``grace_s`` seconds. Returns the new token, its deadline, and
+        which peers acknowledged (``delivered``) or not (``missed``: peer -> why)."""
+        if not rekey.MIN_GRACE <= grace_s <= rekey.MAX_GRACE:
+            raise BadRequest(f"grace_s must be between {rekey.MIN_GRACE:g} and {rekey.MAX_GRACE:g} seconds",
+                             param="grace_s")
+        if self.secrets.in_grace():
+            left = self.secrets.retire_at - time.time()
+            raise Conflict(f"a token rotation is in its grace period ({left:.0f} s left); wait for its end",
+                           code="rotation_in_progress")
+        new = parse_token(new_token(self.secrets.current.bootstrap))
+        since = time.time()
+        retire_at = since + grace_s
+        self.apply_rotation(new, retire_at, since=since, source="")
+        delivered: list[str] = []
+        missed: dict[str, str] = {}
+
+        async def one(peer: str) -> None:
+            why = await rekey.push(self, peer, new, retire_at, since)
+            if why:
+                missed[peer] = why
+            else:
+                delivered.append(peer)
+
+        async with trio.open_nursery() as nursery:
+            for peer in self.connected_peers():
+                nursery.start_soon(one, peer)
+        return {"token": new.encode(), "mesh": new.mesh_id, "retire_at": retire_at,
+                "grace_s": grace_s, "delivered": sorted(delivered), "missed": missed}
+
+    def apply_rotation(self, new: Token, retire_at: float, *, since: float, source: str) -> None:
+        """Take on a rotation begun at ``since`` (ours, or pushed by ``source``); see rekey.py."""
+        s = self.secrets
+        if new == s.current:
+            return                                          # pushes cross: already ours
+        if s.in_grace():
+            raise Conflict("this node is in another rotation's grace period", code="rotation_in_progress")
+        s.rotate(new, retire_at)
+        self._rotated_at = since
+        self._on_rotated(s)
+        self._rotation.set()
+        self._rotation = trio.Event()
+        log.warning("mesh token rotated%s: mesh %s now; the old token retires in %.0f s",
+                    f" by {source[-8:]}" if source else "", new.mesh_id, retire_at - time.time())
+        self.notify_changed()                               # gossip our proof soon
 
     @property
     def addrs(self) -> list[str]:
@@ -313,6 +370,9 @@ class P2P:
         except trio.WouldBlock:
             pass
 
+    def _rekey_proof(self) -> str:
+        return self.secrets.proof(self._me.to_bytes()).hex() if self.secrets.in_grace() else ""
+
     def _on_denied(self, peer: str, reason: str) -> None:
         self._bump()
 
@@ -363,16 +423,93 @@ class P2P:
                 in_flight.add(pid)
                 nursery.start_soon(one, pid, addrs)
 
+    async def _serve_rekey_pushes(self) -> None:
+        """During a grace period, hand the new token to every connected peer that shows no
+        proof of it and was first seen before the rotation began (rekey.py, 3); one try
+        per peer per ``rekey.REPUSH_INTERVAL``."""
+        tried: dict[str, float] = {}
+        async with trio.open_nursery() as nursery:
+            while True:
+                s = self.secrets
+                if not s.in_grace():
+                    tried.clear()
+                    await self._rotation.wait()
+                    continue
+                now = trio.current_time()
+                for peer in self.connected_peers():
+                    if now - tried.get(peer, -rekey.REPUSH_INTERVAL) < rekey.REPUSH_INTERVAL:
+                        continue
+                    if self._has_proof(peer):
+                        continue
+                    seen = self.first_seen(peer)
+                    if seen is None or seen >= self._rotated_at:
+                        if peer not in tried:
+                            log.info("no token rotation for %s: first seen in the grace period", peer[-8:])
+                        tried[peer] = float("inf")      # a machine new since the rotation gets nothing
+                        continue
+                    tried[peer] = now
+                    nursery.start_soon(self._push_late, peer, s.current, s.retire_at)
+                with trio.move_on_after(1.0):
+                    await self._conn_changed.wait()
+
+    def _has_proof(self, peer: str) -> bool:
+        p = self.view.get(peer)
+        try:
+            return self.secrets.check_proof(ID.from_base58(peer).to_bytes(),
+                                            bytes.fromhex(p.state.rekey if p else ""))
+        except ValueError:
+            return False
+
+    async def _push_late(self, peer: str, token: Token, retire_at: float) -> None:
+        why = await rekey.push(self, peer, token, retire_at, self._rotated_at)
+        if why:
+            log.warning("could not hand the token rotation to %s (admitted in the grace period): %s",
+                        peer[-8:], why)
+        else:
+            log.info("token rotation handed to %s (admitted in the grace period)", peer[-8:])
+
+    async def _serve_retirement(self) -> None:
+        """At a rotation's deadline: drop the retiring token, expel peers without proof."""
+        while True:
+            s, changed = self.secrets, self._rotation
+            if s.retiring is None:
+                await changed.wait()
+                continue
+            delay = s.retire_at - time.time()
+            if delay > 0:
+                with trio.move_on_after(delay):
+                    await changed.wait()
+                continue
+            s.retire()
+            self._on_rotated(s)
+            expelled = []
+            for pid in self._admission.admitted_peers():
+                if not self._has_proof(pid.to_base58()):
+                    expelled.append(pid.to_base58()[-8:])
+                    await self._admission.expel(pid, "it holds only the retired mesh token")
+            log.warning("the retired mesh token is no longer accepted (mesh %s only)%s", s.mesh_id,
+                        f"; closed {', '.join(expelled)}: no proof of the new token" if expelled else "")
+            self.notify_changed()
+
     async def _serve_mdns(self) -> None:
         ports = [a.value_for_protocol("tcp") for a in self._host.get_transport_addrs()]
-        try:
-            async with open_mdns(mesh_id=self.mesh_id, peer_id=self.peer_id, port=int(ports[0]),
-                                 addrs=self.addrs) as finds:
-                async for peer, addrs in finds:
-                    log.debug("mDNS found %s at %s", peer, addrs)
-                    self._request_dial(peer, addrs)
-        except Exception as exc:  # best effort: no multicast, a name clash, a zeroconf bug
-            log.warning("mDNS discovery unavailable (%r); use --peer to join other nodes", exc)
+        while True:                       # again under the new mesh id after a rotation
+            rotated = self._rotation
+            with trio.CancelScope() as scope:
+                async def restart() -> None:
+                    await rotated.wait()
+                    scope.cancel()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(restart)
+                        async with open_mdns(mesh_id=self.mesh_id, peer_id=self.peer_id,
+                                             port=int(ports[0]), addrs=self.addrs) as finds:
+                            async for peer, addrs in finds:
+                                log.debug("mDNS found %s at %s", peer, addrs)
+                                self._request_dial(peer, addrs)
+                except Exception as exc:  # best effort: no multicast, a name clash, a zeroconf bug
+                    log.warning("mDNS discovery unavailable (%r); use --peer to join other nodes", exc)
+                    await rotated.wait()
 
 
 def _quiet_libp2p_logs() -> None:
@@ -392,17 +529,22 @@ def _sole_exception(eg: BaseExceptionGroup) -> BaseException | None:  # type: ig
 
 
 @asynccontextmanager
-async def open_p2p(*, home: Path, token: Token, name: str, listen_host: str, p2p_port: int,
-                   peers: Sequence[str], mdns: bool, state: Callable[[], NodeState]) -> AsyncIterator[P2P]:
-    """Join the mesh for the duration of the block (see the module note).
+async def open_p2p(*, home: Path, token: Token | MeshSecrets, name: str, listen_host: str, p2p_port: int,
+                   peers: Sequence[str], mdns: bool, state: Callable[[], NodeState],
+                   on_rotated: Callable[[MeshSecrets], None] = lambda s: None) -> AsyncIterator[P2P]:
+    """Join the mesh for the duration of the block (see the module note). ``token``: the
+    mesh token, or the node's secrets during a rotation (mesh/token.py); ``on_rotated`` is
+    called when a rotation changed them (the node stores them).
 
     Exceptions come out as raised, not wrapped in the exception groups of the nurseries
     inside (a group is re-raised only when it holds several).
     """
     err: BaseException | None = None
     try:
-        async with _running_p2p(home=home, token=token, name=name, listen_host=listen_host,
-                                p2p_port=p2p_port, peers=peers, mdns=mdns, state=state) as p2p:
+        secrets = token if isinstance(token, MeshSecrets) else MeshSecrets(token)
+        async with _running_p2p(home=home, secrets=secrets, name=name, listen_host=listen_host,
+                                p2p_port=p2p_port, peers=peers, mdns=mdns, state=state,
+                                on_rotated=on_rotated) as p2p:
             yield p2p
     except BaseExceptionGroup as eg:
         err = _sole_exception(eg)
@@ -413,8 +555,9 @@ async def open_p2p(*, home: Path, token: Token, name: str, listen_host: str, p2p
 
 
 @asynccontextmanager
-async def _running_p2p(*, home: Path, token: Token, name: str, listen_host: str, p2p_port: int,
-                       peers: Sequence[str], mdns: bool, state: Callable[[], NodeState]) -> AsyncIterator[P2P]:
+async def _running_p2p(*, home: Path, secrets: MeshSecrets, name: str, listen_host: str, p2p_port: int,
+                       peers: Sequence[str], mdns: bool, state: Callable[[], NodeState],
+                       on_rotated: Callable[[MeshSecrets], None]) -> AsyncIterator[P2P]:
     _quiet_libp2p_logs()
     key_pair = load_or_create_identity(Path(home))
     holder: dict[str, P2P] = {}
@@ -430,23 +573,26 @@ async def _running_p2p(*, home: Path, token: Token, name: str, listen_host: str,
         log.log(logging.DEBUG if quiet else logging.WARNING,
                 "refused a connection with %s: it holds a different mesh token", ip)
 
-    async with open_host(key_pair, token.keys.psk, listen_host=listen_host, port=p2p_port,
+    async with open_host(key_pair, secrets.psks, listen_host=listen_host, port=p2p_port,
                          on_mismatch=on_mismatch) as host:
-        p2p = holder["p2p"] = P2P(host, token, name)
+        p2p = holder["p2p"] = P2P(host, secrets, name, on_rotated)
         async with trio.open_nursery() as outer:
             await outer.start(partial(serve_admission, host, p2p._admission, on_disconnected=p2p._on_disconnected))
             async with open_pubsub(host, p2p._admission.gate, p2p._validator) as pubsub:
-                publisher = Publisher(pubsub, hmac_key=token.keys.hmac_key, state=state,
-                                      node_id=p2p.peer_id, addrs=lambda: p2p.addrs)
+                publisher = Publisher(pubsub, hmac_key=lambda: secrets.sending.hmac_key, state=state,
+                                      node_id=p2p.peer_id, addrs=lambda: p2p.addrs, rekey=p2p._rekey_proof)
                 p2p._publisher = publisher
                 p2p.set_handler(PING_PROTOCOL, handle_ping)
+                p2p.set_handler(rekey.REKEY_PROTOCOL, partial(rekey.handle, p2p))
                 async with trio.open_nursery() as nursery:
                     await nursery.start(serve_subscriber, pubsub, p2p._validator, p2p._on_state)
                     nursery.start_soon(publisher.serve)
                     nursery.start_soon(p2p._serve_ticks)
                     nursery.start_soon(p2p._serve_dials)
                     nursery.start_soon(serve_pings, p2p)
-                    for addr in dict.fromkeys([*token.bootstrap, *peers]):
+                    nursery.start_soon(p2p._serve_rekey_pushes)
+                    nursery.start_soon(p2p._serve_retirement)
+                    for addr in dict.fromkeys([*secrets.current.bootstrap, *peers]):
                         await nursery.start(partial(serve_static_peer, addr, connect=p2p.connect,
                                                     is_connected=p2p.is_connected, changed=p2p._changed_event))
                     if mdns:

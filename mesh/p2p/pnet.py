@@ -10,6 +10,11 @@ closes. A wrong token is therefore refused in one round trip on both sides. The 
 only hides and gates; integrity and peer authentication come from Noise above it. It is
 not wire-compatible with go-libp2p's pnet, which is fine: only our nodes speak it.
 
+Keys. The psk comes from a function called per connection, ``psks() -> (send, accepted)``
+(mesh/token.py ``MeshSecrets.psks``): a node encrypts with ``send`` and tries each of
+``accepted`` on the peer's preamble (a 16-byte decrypt each), so during a token rotation's
+grace period connections from holders of either token get in.
+
 Write-behind. py-libp2p's yamux answers pings and acknowledges new streams from its
 read loop, through the same lock as data writes. When both ends push bulk data at once,
 each end's data writer blocks on a full TCP buffer while holding that lock, each read loop
@@ -38,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import multiaddr
@@ -79,10 +84,10 @@ class _PnetStream(ReadWriteCloser):
     attached) writes go straight to the socket.
     """
 
-    def __init__(self, inner: ReadWriteCloser, psk: bytes,
+    def __init__(self, inner: ReadWriteCloser, psks: tuple[bytes, Sequence[bytes]],
                  on_mismatch: Callable[[tuple[str, int] | None], None], *, write_behind: bool) -> None:
         self._inner = inner
-        self._psk = psk
+        self._psk, self._accepted = psks[0], list(psks[1]) or [psks[0]]
         self._on_mismatch = on_mismatch
         self._enc: Any = None
         self._dec: Any = None
@@ -172,8 +177,11 @@ class _PnetStream(ReadWriteCloser):
             if not chunk:
                 raise IOException("connection closed during the private-network preamble")
             buf += chunk
-        dec = _chacha(self._psk, buf[:_PNET_NONCE])
-        if dec.update(buf[_PNET_NONCE:need]) != _PNET_MAGIC:
+        for psk in self._accepted:
+            dec = _chacha(psk, buf[:_PNET_NONCE])
+            if dec.update(buf[_PNET_NONCE:need]) == _PNET_MAGIC:
+                break
+        else:
             addr = self._remote_addr
             self._on_mismatch(addr)
             await self.close()
@@ -215,11 +223,16 @@ class _PnetStream(ReadWriteCloser):
 class PnetTCP(TCP):
     """TCP whose every connection, dialed or accepted, is wrapped in the mesh pnet."""
 
-    def __init__(self, psk: bytes, on_mismatch: Callable[[tuple[str, int] | None], None]) -> None:
+    def __init__(self, psk: bytes | Callable[[], tuple[bytes, Sequence[bytes]]],
+                 on_mismatch: Callable[[tuple[str, int] | None], None]) -> None:
         super().__init__()
-        if len(psk) != 32:
-            raise ValueError("psk must be 32 bytes")
-        self._psk = psk
+        if isinstance(psk, bytes):
+            if len(psk) != 32:
+                raise ValueError("psk must be 32 bytes")
+            fixed = (psk, [psk])
+            self._psks: Callable[[], tuple[bytes, Sequence[bytes]]] = lambda: fixed
+        else:
+            self._psks = psk
         self._on_mismatch = on_mismatch
         self._senders: trio.Nursery | None = None
 
@@ -228,7 +241,7 @@ class PnetTCP(TCP):
         self._senders = senders
 
     def _wrap(self, rwc: ReadWriteCloser) -> _PnetStream:
-        stream = _PnetStream(rwc, self._psk, self._on_mismatch, write_behind=self._senders is not None)
+        stream = _PnetStream(rwc, self._psks(), self._on_mismatch, write_behind=self._senders is not None)
         if self._senders is not None:
             self._senders.start_soon(stream.serve_sender)
         return stream

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import msgpack
@@ -104,6 +105,9 @@ class NodeState(_Wire):
     # to new peers and every 30 s (mesh/p2p/gossip.py KeyCarry); empty means "not sent
     # this time", never "no keys" (merging is monotonic).
     keys: list[dict[str, Any]] = Field(default_factory=list)
+    # during a token rotation's grace period: HMAC(new token's hmac key, peer id) in hex,
+    # the proof that the sender holds the new token (mesh/token.py MeshSecrets.proof)
+    rekey: str = Field("", max_length=64)
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -131,8 +135,9 @@ def seal(state: NodeState, hmac_key: bytes) -> bytes:
     return pack([ENVELOPE_VERSION, KIND_NODE_STATE, body, _mac(hmac_key, ENVELOPE_VERSION, KIND_NODE_STATE, body)])
 
 
-def open_sealed(data: bytes, hmac_key: bytes) -> NodeState:
-    """Check and unpack a sealed NodeState; raises BadMessage on any defect."""
+def open_sealed(data: bytes, hmac_key: bytes | Sequence[bytes]) -> NodeState:
+    """Check and unpack a sealed NodeState (signed with ``hmac_key``, or any of a list of
+    keys: a token rotation's grace period); raises BadMessage on any defect."""
     env = unpack(data)
     if not isinstance(env, list) or len(env) != 4:
         raise BadMessage("not a mesh envelope")
@@ -143,7 +148,8 @@ def open_sealed(data: bytes, hmac_key: bytes) -> NodeState:
         raise BadMessage(f"unknown message kind {kind!r}")
     if not isinstance(body, bytes) or not isinstance(mac, bytes) or len(mac) != _MAC_BYTES:
         raise BadMessage("malformed envelope")
-    if not hmac.compare_digest(mac, _mac(hmac_key, version, kind, body)):
+    keys = [hmac_key] if isinstance(hmac_key, bytes) else hmac_key
+    if not any(hmac.compare_digest(mac, _mac(k, version, kind, body)) for k in keys):
         raise BadMessage("bad HMAC: not signed with this mesh's token")
     fields = unpack(body)
     if not isinstance(fields, dict):
