@@ -249,34 +249,59 @@ def assert_readable_error(exc, name: str, *words: str) -> None:
         assert w in exc.message, exc.message
 
 
-def ask(i: int = 1) -> tuple[int, str, str]:
-    """One short chat through host i: (status, serving node, the answer or the error's message)."""
+SYSTEM = ("You answer questions about the machines of a small team that runs an inference "
+          "mesh on a local network. Keep every answer short and concrete. ") * 5   # ~130 tokens
+HI = [{"role": "user", "content": "Say hi"}]
+
+
+def ask(i: int = 1, messages=HI) -> tuple[int, str, str, str]:
+    """One short chat through host i: (status, serving node, the answer or the error's
+    message, why it went there: x-mesh-route)."""
     try:
         raw = _client(i).chat.completions.with_raw_response.create(
-            model=CHAT, max_tokens=6, temperature=0,
-            messages=[{"role": "user", "content": "Say hi"}])
+            model=CHAT, max_tokens=6, temperature=0, messages=messages)
     except openai.APIStatusError as exc:
         body = exc.body if isinstance(exc.body, dict) else {}
         return exc.status_code, exc.response.headers.get("x-mesh-node", ""), \
-            str(body.get("message") or body.get("error", {}).get("message") or exc)
+            str(body.get("message") or body.get("error", {}).get("message") or exc), ""
     return raw.http_response.status_code, raw.headers.get("x-mesh-node", ""), \
-        raw.parse().choices[0].message.content
+        raw.parse().choices[0].message.content, raw.headers.get("x-mesh-route", "")
 
 
-def served_despite(mesh: Mesh, down: str, up: str, tries: int = 3) -> list[tuple]:
-    """`tries` requests through h1 while `down` is out: each is served by `up` or gets a
-    clean error (an OpenAI-shaped 5xx), within BOUND_S; the last one is served."""
+def served_despite(mesh: Mesh, fault, tries: int = 3) -> tuple[str, list[tuple]]:
+    """A conversation through h1 until h1 sends its next turn to X for X's cached prefix
+    (mesh/router.py, affinity): X is h1's first choice for that turn; fault(X); then
+    `tries` next turns through h1, each within BOUND_S served by the other serving node or
+    answered with a clean error (an OpenAI-shaped 5xx), the last one served. Returns X and
+    the answers (status, node, text, seconds)."""
+    first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name a colour."}]
+    status, _, text, _ = mesh.seat.call(ask, 1, first)
+    assert status == 200, (status, text)
+    nxt = [*first, {"role": "assistant", "content": text},
+           {"role": "user", "content": "And another one?"}]
+    # asked until the gossip has carried a holder's prefix to h1: X is that holder
+    seen = []
+    assert eventually(lambda: (seen.append(mesh.seat.call(ask, 1, nxt)) or seen[-1])[3]
+                      .startswith("prefix"), timeout=BOUND_S, interval=0.5), seen
+    x = seen[-1][1]
+    assert x in ("h2", "h3"), seen
+    other = ({"h2", "h3"} - {x}).pop()
+    fault(x)
     answers = []
     for _ in range(tries):
         t0 = time.monotonic()
-        status, node, text = mesh.seat.call(ask, timeout=BOUND_S)
+        status, node, text, _ = mesh.seat.call(ask, 1, nxt, timeout=BOUND_S)
         answers.append((status, node, text, round(time.monotonic() - t0, 1)))
         if status == 200:
-            assert node == up and text, answers
+            assert node == other and text, answers
         else:
             assert status in (502, 503, 504) and text and "Traceback" not in text, answers
     assert answers[-1][0] == 200, answers
-    return answers
+    return x, answers
+
+
+def _model(mesh: Mesh, name: str) -> dict:
+    return next(m for m in mesh.entry(name)["models"] if m["id"] == CHAT)
 
 
 # ------------------------------------------------------------------ SIGSTOP
@@ -298,16 +323,22 @@ def test_a_peer_frozen_mid_stream_ends_the_stream_with_a_readable_error(mesh) ->
     assert mesh.seat.call(ask, 1)[0] == 200
 
 
-def test_a_request_while_a_peer_is_frozen_is_served_by_the_other(mesh) -> None:
-    os.kill(mesh.nodes["h2"].proc.pid, signal.SIGSTOP)
+def test_a_request_whose_first_choice_is_frozen_is_served_by_the_other(mesh) -> None:
+    frozen = []
+
+    def freeze(name):
+        os.kill(mesh.nodes[name].proc.pid, signal.SIGSTOP)
+        frozen.append(name)
     try:
-        answers = served_despite(mesh, "h2", "h3")
+        name, answers = served_despite(mesh, freeze)
     finally:
-        os.kill(mesh.nodes["h2"].proc.pid, signal.SIGCONT)
-    print(f"h2 frozen: {answers}")
-    assert eventually(lambda: "h2" in mesh.serving(1) and "h2" in mesh.serving(3),
-                      timeout=HEAL_S), mesh.serving(1)
-    assert mesh.seat.call(ask, 2)[:2] == (200, "h2")       # and it serves again
+        for n in frozen:
+            os.kill(mesh.nodes[n].proc.pid, signal.SIGCONT)
+    print(f"{name} frozen: {answers}")
+    # h1 tried the frozen peer first (its prefix), and moved on
+    assert f"{name} could not start the request" in mesh.nodes["h1"].log_tail(10**6)
+    assert eventually(mesh.healed, timeout=HEAL_S), mesh.serving(1)
+    assert mesh.seat.call(ask, int(name[1:]))[:2] == (200, name)     # and it serves again
 
 
 # ------------------------------------------------------------------ kill -9
@@ -328,15 +359,20 @@ def test_a_peer_killed_mid_stream_ends_the_stream_with_a_readable_error(mesh) ->
     assert mesh.seat.call(ask, int(name[1:]))[:2] == (200, name)
 
 
-def test_a_request_after_a_peer_was_killed_is_served_by_the_other(mesh) -> None:
-    mesh.nodes["h2"].stop(sig=signal.SIGKILL)
+def test_a_request_whose_first_choice_was_killed_is_served_by_the_other(mesh) -> None:
+    killed = []
+
+    def kill(name):
+        mesh.nodes[name].stop(sig=signal.SIGKILL)
+        killed.append(name)
     try:
-        answers = served_despite(mesh, "h2", "h3")
-        print(f"h2 killed: {answers}")
+        name, answers = served_despite(mesh, kill)
+        print(f"{name} killed: {answers}")
     finally:
-        mesh.restart("h2")
+        for n in killed:
+            mesh.restart(n)
     assert eventually(mesh.healed, timeout=HEAL_S), mesh.serving(1)
-    assert mesh.seat.call(ask, 2)[:2] == (200, "h2")
+    assert mesh.seat.call(ask, int(name[1:]))[:2] == (200, name)
 
 
 # ------------------------------------------------------------------ a cable cut
@@ -374,10 +410,6 @@ def _lines(n: int) -> bytes:
 def _worker(node: MeshNode) -> psutil.Process:
     kids = psutil.Process(node.proc.pid).children(recursive=True)
     return next(k for k in kids if "node.worker_main" in " ".join(k.cmdline()))
-
-
-def _model(mesh: Mesh, name: str) -> dict:
-    return next(m for m in mesh.entry(name)["models"] if m["id"] == CHAT)
 
 
 def test_a_worker_killed_mid_batch_still_completes_every_line_once(mesh) -> None:
