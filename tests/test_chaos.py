@@ -206,12 +206,14 @@ def _long_stream(events: queue.Queue) -> None:
         s.close()
 
 
-def _next(events: queue.Queue, deadline: float):
+def _next(events: queue.Queue, deadline: float, what: str):
     left = deadline - time.monotonic()
+    if left <= 0:
+        raise AssertionError(f"{what}: a hang")
     try:
-        return events.get(timeout=max(0.0, left))
+        return events.get(timeout=left)
     except queue.Empty:
-        raise AssertionError(f"the client saw nothing for {BOUND_S:.0f} s: a hang") from None
+        raise AssertionError(f"{what}: a hang") from None
 
 
 def stream_through_fault(mesh: Mesh, fault, after: int = 5, serving=("h2", "h3")
@@ -222,18 +224,19 @@ def stream_through_fault(mesh: Mesh, fault, after: int = 5, serving=("h2", "h3")
     events: queue.Queue = queue.Queue()
     fut = mesh.seat.submit(_long_stream, events)
     deadline = time.monotonic() + 120          # the first pieces, on a loaded machine
-    kind, name = _next(events, deadline)
+    kind, name = _next(events, deadline, "no answer in 120 s")
     assert kind == "node" and name in serving, (kind, name)
     got = 0
     while got < after:
-        kind, value = _next(events, deadline)
+        kind, value = _next(events, deadline, f"not {after} pieces of text in 120 s")
         assert kind == "text", (kind, value)
         got += 1
     fault(name)
     at = time.monotonic()
     deadline = at + BOUND_S
     while True:
-        kind, value = _next(events, deadline)
+        kind, value = _next(events, deadline, f"the stream did not end within {BOUND_S:.0f} s "
+                            f"of the fault ({fault.__name__} {name})")
         if kind in ("error", "end"):
             fut.result(timeout=10)
             return name, value, time.monotonic() - at
@@ -339,6 +342,24 @@ def test_a_request_whose_first_choice_is_frozen_is_served_by_the_other(mesh) -> 
     assert f"{name} could not start the request" in mesh.nodes["h1"].log_tail(10**6)
     assert eventually(mesh.healed, timeout=HEAL_S), mesh.serving(1)
     assert mesh.seat.call(ask, int(name[1:]))[:2] == (200, name)     # and it serves again
+
+
+def test_a_request_while_every_server_is_frozen_gets_a_clean_error(mesh) -> None:
+    frozen = []
+    try:
+        for n in ("h2", "h3"):
+            os.kill(mesh.nodes[n].proc.pid, signal.SIGSTOP)
+            frozen.append(n)
+        t0 = time.monotonic()
+        status, _, text, _ = mesh.seat.call(ask, 1, timeout=BOUND_S)
+        took = time.monotonic() - t0
+    finally:
+        for n in frozen:
+            os.kill(mesh.nodes[n].proc.pid, signal.SIGCONT)
+    print(f"h2 and h3 frozen: {status} after {took:.1f} s: {text}")
+    assert status in (502, 503, 504) and text and "Traceback" not in text, (status, text)
+    assert eventually(mesh.healed, timeout=HEAL_S), mesh.serving(1)
+    assert mesh.seat.call(ask, 1)[0] == 200
 
 
 # ------------------------------------------------------------------ kill -9
