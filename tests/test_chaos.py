@@ -495,7 +495,11 @@ def test_a_lender_killed_mid_split_ends_the_stream_and_the_model_is_placed_again
 
         def settled():       # placed again (loaded over the other lender) or given up
             m = _model(mesh, "h1")
-            return (m["state"] == "failed" or m["state"] == "loaded"
+            # (the broken placement's worker shows "failed" for a moment before the next
+            # one starts: only node/splits.py's giving up is final)
+            gave_up = m["state"] == "failed" and any(
+                w in (m["split"].get("failure") or "") for w in ("gave up", "cannot place"))
+            return (gave_up or m["state"] == "loaded"
                     and m["split"]["nodes"] != ["h1", lender]) and m
         m = eventually(settled, timeout=300, interval=0.5)
         assert m and m["state"] == "loaded" and m["split"]["nodes"] == ["h1", other], \
