@@ -19,7 +19,6 @@ import json
 import os
 import queue
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
