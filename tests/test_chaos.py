@@ -3,9 +3,12 @@ each asserting what a client sees within a generous bound, then that the mesh he
 
 Three hosts on one bridge: h1 is the entry point with no model (clients talk to it, from
 its namespace), h2 and h3 both serve SmolLM2 and lend 1 GiB for splits. Faults: SIGSTOP
-and kill -9 of the serving peer mid-stream and before a request, a cable cut mid-stream,
-the worker process killed mid-batch, a lender killed mid-split. After each one the fault
-is undone (SIGCONT, restart, cable back) and `mesh status` on h1 shows the peer alive.
+and kill -9 of the serving peer mid-stream and of h1's first choice before a request (the
+holder of the conversation's prefix), both servers frozen, a cable cut mid-stream, the
+worker process killed mid-batch, a lender killed mid-split (h1, capped at 256 MiB, splits
+SmolLM2 over one of them). After each one the fault is undone (SIGCONT, restart, cable
+back) and `mesh status` on h1 shows the peer alive and serving again. Bounds are generous
+(BOUND_S) and only tell an answer or an error from a hang; no timing is asserted.
 
 The clients are the official openai client and httpx, run in threads that entered h1's
 network namespace (setns(2) on that thread only), so every socket they open is h1's.
