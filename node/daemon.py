@@ -296,10 +296,11 @@ async def _merge_gossiped_nodes(svc: Services) -> None:
     """Note every peer seen; fold in the node revocations peers gossip, drop and refuse
     the revoked at once (mesh/nodes.py); re-gossip when our book changed."""
     view, book = svc.p2p.view, svc.nodes
+    merged_seq: dict[str, int] = {}
     while True:
         changed = view.changed
         merged = False
-        for peer in view.peers():
+        for peer in _fresh_states(view, merged_seq):
             if peer.peer_id not in book.revoked():
                 book.seen(peer.peer_id, peer.name)
             raw = (peer.state.extra or {}).get("nodes") if peer.state else None
@@ -314,13 +315,26 @@ async def _merge_gossiped_nodes(svc: Services) -> None:
         await changed.wait()
 
 
+def _fresh_states(view, last_seq: dict[str, int]) -> list:
+    """The peers whose gossiped state is new since the last call (by its seq), so a view
+    change costs one merge per new message, not one per peer: at 1,000 nodes re-merging
+    every peer's records on every change took 148% of a core (docs/scale.md)."""
+    out = []
+    for peer in view.peers():
+        if peer.state is not None and last_seq.get(peer.peer_id) != peer.state.seq:
+            last_seq[peer.peer_id] = peer.state.seq
+            out.append(peer)
+    return out
+
+
 async def _merge_gossiped_keys(svc: Services) -> None:
     """Fold the key records peers gossip into ours; re-gossip when ours changed."""
     view = svc.p2p.view
+    merged_seq: dict[str, int] = {}
     while True:
         changed = view.changed
         merged = False
-        for peer in view.peers():
+        for peer in _fresh_states(view, merged_seq):
             if peer.state.keys:
                 try:
                     merged |= svc.keyring.merge(peer.state.keys)
