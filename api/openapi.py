@@ -20,6 +20,7 @@ from api.auth import OPEN_PATHS, feature_for
 from api.batch_routes import BatchCreate
 from api.key_routes import KeyCreate
 from api.model_routes import Install, Load, Unload
+from api.node_routes import Rotate
 from api.ollama_routes import (ChatBody, DeleteBody, EmbedBody, EmbeddingsBody, GenerateBody,
                                PullBody, ShowBody)
 from api.responses_routes import ResponsesRequest
@@ -77,6 +78,8 @@ DOCS: dict[str, tuple[str, type[BaseModel] | None]] = {
     "agents.run_events": ("A run's steps as server-sent events while it runs", None),
     "nodes.list_nodes": ("Every node ever admitted to the mesh, and the revoked ones", None),
     "nodes.revoke_node": ("Revoke a node mesh-wide: dropped and refused by every node", None),
+    "nodes.rotate_token": ("Rotate the mesh token: a new one for every alive node, the old one "
+                           "retired after the grace period", Rotate),
     "mesh.health": ("Liveness", None),
     "mesh.readyz": ("Readiness: 503 until the node's models are loaded", None),
     "mesh.status": ("This node and every node of the mesh", None),
