@@ -3,7 +3,8 @@ last seen, revoked) and `POST /mesh/nodes/<ref>/revoke` (admin): the node is dro
 and refused by every node of the mesh as the revocation spreads (mesh/nodes.py).
 `POST /mesh/token/rotate` (admin) `{"grace_s": 300}`: a new mesh token for every node
 alive, the old one retired after the grace period (mesh/p2p/rekey.py); the answer holds
-the new token (for machines that join later), once."""
+the new token (for machines that join after the grace period: during it the
+mesh still signs with the old one), once."""
 
 from __future__ import annotations
 

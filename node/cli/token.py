@@ -28,7 +28,8 @@ def rotate(grace_s, url, key, as_json) -> None:
     Revoke a lost machine first (`mesh nodes revoke`), then rotate: a machine that kept
     only the old token cannot come back, even with a fresh identity. Nodes restarted with
     their old --token use the new one (stored in their home). The new token is printed
-    once, last: start machines that join later with it."""
+    once, last: start machines that join after the grace period with it (during it
+    the mesh still signs with the old token)."""
     out = request("POST", url, "/mesh/token/rotate", key=key, json={"grace_s": grace_s})
     if as_json:
         print_json(out)
