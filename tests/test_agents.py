@@ -412,7 +412,11 @@ def test_agents_need_the_agents_feature_and_run_as_their_owner(mesh):
 
     chat_only, robot = key("chatter", ["chat"]), key("robot", ["agents"])
     both = key("both", ["agents", "chat"])
-    assert until(lambda: api(b, "GET", "/agents", headers=both).status_code == 200)
+    # b holds every key once its listing names them all (before the first arrives, b has
+    # no key and lets anyone in, so only the listing says when it is ready)
+    names = {"root", "chatter", "robot", "both"}
+    listed = lambda: httpx.get(b.api + "/mesh/keys", headers=root, timeout=10)  # noqa: E731
+    assert until(lambda: {k["name"] for k in listed().json()["data"]} >= names), listed().text
     r = api(b, "GET", "/agents", headers=chat_only)
     assert r.status_code == 403 and r.json()["error"]["code"] == "feature_not_granted"
     assert api(b, "GET", "/agents").status_code == 401
