@@ -17,6 +17,9 @@ Policy (``plan``):
 3. Otherwise the routable peers that have it loaded, best first: the lowest expected
    wait, wait = (busy + queued + our in-flight to it) / slots, then the higher recent
    decode speed, then the lower RTT; the local node, if it has the model, comes last.
+   Two choices (Mitzenmacher): where more than two peers have a free slot (in-flight
+   counted) and cost about the same, the first is the better of two of them drawn at
+   random, not always the one that looked idlest (see Herding).
 4. A peer that went silent on us (``PeerSilent``: no heartbeat within SILENCE_S) is out
    of routing until gossip shows it alive again (a state newer than the silence), so a
    frozen peer costs one request at most ACK_S, not one per request for 3 s.
@@ -29,6 +32,18 @@ is even: it has a free slot (in-flight counted from dispatch) and its wait is wi
 ``BALANCE`` of the least busy candidate's (SGLang's cache-aware rule: prefix when
 balanced, least busy when not). Each target carries the reason it was chosen
 (``Target.reason``: the API's ``x-mesh-route`` header, ``routes`` in /mesh/status).
+
+Herding. Every node ranks the same gossiped loads, seconds old, the same way, so every
+origin sends its next request to the one server that looked idlest, which fills while
+the others idle: in the simulator (bench/sim, 100 nodes, docs/scale.md) 53% of remote
+requests met a server with no free slot, against 30% for a server picked at random.
+Drawing two and taking the better keeps most of ranking's gain and spreads the herd. It
+is applied only where it costs nothing: among peers with a free slot (each starts the
+request at once) whose expected time for a reference generation (``REF_TOKENS`` at its
+gossiped decode speed, plus its RTT) is within ``NEAR`` (or ``SLACK_S``) of the best one's, so a node
+much faster than the rest (a GPU among CPUs) still goes first while it has a slot, and
+a full peer never goes before a free one. With two or fewer such peers the order is the
+plain ranking: two draws of two would always pick the best.
 
 Retries: before a request's first event, an error of ``mesh.errors.RETRYABLE`` (no
 capacity, worker died, peer gone or silent) moves on to the next candidate; anything else
@@ -44,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncContextManager, AsyncIterator, Protocol
@@ -66,6 +82,9 @@ DEFAULT_QUEUE_TIMEOUT = 30.0   # s an interactive generation may wait for a slot
                                # full; a bound in time tells the client when to come back)
 MIN_SAVED = 64                 # estimated prompt tokens a peer must hold beyond us to be preferred
 BALANCE = 0.5                  # ... when its wait is within this of the least busy candidate's
+REF_TOKENS = 128               # a reference generation, to weigh decode speed against RTT (Herding)
+NEAR = 1.25                    # expected-time ratio within which free peers count as equal (Herding)
+SLACK_S = 0.01                 # ... or this many seconds (RTTs alone: 1 ms and 3 ms are equal)
 
 
 class LocalModel(Protocol):
@@ -187,6 +206,7 @@ class Router:
     silent_since: dict[str, float] = field(default_factory=dict)
     affinity: bool = True         # prefix-affine routing (module note: Affinity)
     routes: Counter = field(default_factory=Counter)   # requests started, by Target.reason
+    rng: random.Random = field(default_factory=random.Random)   # two choices (module note)
 
     # ------------------------------------------------------------- ranking
     def plan(self, model: str, *, proxied: bool = False, kind: str = "generate",
@@ -235,11 +255,40 @@ class Router:
     def wait(self, p: PeerCandidate) -> float:
         return (p.busy + p.queued + self.in_flight_to.get(p.peer_id, 0)) / max(p.slots, 1)
 
-    def rank(self, model: str) -> list[PeerCandidate]:
+    def ranked(self, model: str) -> list[PeerCandidate]:
+        """The routable peers serving `model` by (wait, -tokens/s, RTT): Policy 3 without
+        the draw."""
         assert self.peers is not None
         cands = [p for p in self.peers.candidates(model)
                  if self.silent_since.get(p.peer_id, float("-inf")) < p.last_seen]
         return sorted(cands, key=lambda p: (self.wait(p), -p.tokens_per_s, p.rtt_ms))
+
+    def rank(self, model: str) -> list[PeerCandidate]:
+        """`ranked`, its first place drawn by two choices (module note: Herding)."""
+        ranked = self.ranked(model)
+        near = self._equals(ranked)
+        if len(near) > 2:
+            a, b = self.rng.sample(near, 2)
+            ranked.insert(0, ranked.pop(min(a, b)))
+        return ranked
+
+    def _free(self, p: PeerCandidate) -> bool:
+        return p.busy + p.queued + self.in_flight_to.get(p.peer_id, 0) < max(p.slots, 1)
+
+    def _equals(self, ranked: list[PeerCandidate]) -> list[int]:
+        """Indexes into `ranked` of the peers two choices draws from (module note: Herding):
+        a free slot each, and an expected time within NEAR (or SLACK_S) of the best one's.
+        Speeds not yet measured (0) are only ever equal to each other."""
+        free = [i for i, p in enumerate(ranked) if self._free(p)]
+        if any(ranked[i].tokens_per_s > 0 for i in free):
+            free = [i for i in free if ranked[i].tokens_per_s > 0]
+
+        def cost(p: PeerCandidate) -> float:
+            return (REF_TOKENS / p.tokens_per_s if p.tokens_per_s > 0 else 0.0) + p.rtt_ms / 1e3
+        if len(free) < 3:
+            return free
+        best = min(cost(ranked[i]) for i in free)
+        return [i for i in free if cost(ranked[i]) <= max(best * NEAR, best + SLACK_S)]
 
     def _affine(self, links: list[tuple[int, int]], remote: list[PeerCandidate],
                 here_saved: int, here_wait: float | None) -> Target | None:

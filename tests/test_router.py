@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,6 +114,32 @@ def test_peers_rank_by_wait_then_speed_then_rtt() -> None:
     assert names(r.plan("m")) == ["fast-near", "fast-far", "slow", "queued", "busy"]
     r.in_flight_to["fast-near"] = 1                    # what we sent, gossip not yet showing
     assert names(r.plan("m"))[:2] == ["fast-far", "slow"]
+
+
+def test_two_choices_spreads_requests_over_equal_free_peers_only() -> None:
+    """Herding (mesh/router.py): among >2 free peers of about the same cost the first
+    place is the better of two drawn at random; a full peer, or one much slower than a
+    free one, never goes first."""
+    cands = [peer(f"p{i}", tps=50, rtt=1.0 + i, slots=2) for i in range(4)]
+    cands += [peer("full", busy=2, slots=2, tps=90), peer("slow", tps=5)]
+    r = router(local=FakeLocal(model=None), cands=cands)
+    r.rng.seed(7)
+    firsts = Counter(names(r.plan("m"))[0] for _ in range(400))
+    # each of the 4 equal peers is drawn; the worst of them (by RTT) never wins a draw
+    assert set(firsts) == {"p0", "p1", "p2"}, firsts
+    assert firsts["p0"] > firsts["p1"] > firsts["p2"] > 0, firsts
+    # the fallbacks are every candidate, in the plain ranking's order after the first
+    order = names(r.plan("m"))
+    assert sorted(order) == sorted(c.name for c in cands) and order[-2:] == ["slow", "full"]
+    # a peer 3x faster than the rest goes first whenever it has a free slot
+    fast = peer("fast", tps=150, rtt=5.0)
+    r2 = router(local=FakeLocal(model=None), cands=[*cands, fast])
+    assert {names(r2.plan("m"))[0] for _ in range(100)} == {"fast"}
+    r2.in_flight_to["fast"] = 1                      # its only slot: now the draw applies
+    assert {names(r2.plan("m"))[0] for _ in range(200)} == {"p0", "p1", "p2"}
+    # two equal free peers: the plain ranking (a draw of two of two is always the best)
+    r3 = router(local=FakeLocal(model=None), cands=cands[:2])
+    assert {names(r3.plan("m"))[0] for _ in range(100)} == {"p0"}
 
 
 def test_local_first_while_it_has_a_free_slot() -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,16 +96,14 @@ class _NoTransport:
 
 @dataclass
 class TwoChoices(Router):
-    """A proposal for mesh/router.py, not the product (``--router two-choices``): the
-    first target is the better of two candidates drawn at random (the power of two
-    choices, Mitzenmacher), the rest follow in the product's order as fallbacks, so
-    ``capacity`` and retries are unchanged. With stale loads, every origin picking the
-    least loaded peer sends them all to the same one."""
-
-    rng: random.Random = field(default_factory=random.Random)
+    """The first proposal (``--router two-choices``): the first target is the better of
+    two candidates drawn at random from all of them (the power of two choices,
+    Mitzenmacher), the rest follow in the plain ranking's order as fallbacks, so
+    ``capacity`` and retries are unchanged. The product (mesh/router.py, Herding) draws
+    only among peers with a free slot that cost about the same."""
 
     def rank(self, model: str) -> list[PeerCandidate]:
-        ranked = super().rank(model)
+        ranked = self.ranked(model)
         if len(ranked) > 2:
             a, b = self.rng.sample(range(len(ranked)), 2)
             ranked.insert(0, ranked.pop(min(a, b)))
@@ -134,7 +132,7 @@ class SimNode:
         self.router: Router | None = None
         if observer:
             self.router = ROUTERS[router](local=self, peers=MeshPeers(self.view), transport=_NoTransport())
-            if isinstance(self.router, TwoChoices) and rng is not None:
+            if rng is not None:
                 self.router.rng = rng
         self.publisher: Any = None          # set by the design (bench/sim/design.py)
         self._ring_wire: tuple[int, list[dict[str, Any]]] = (-1, [])
