@@ -38,7 +38,7 @@ import trio
 from mesh.errors import BadMessage, BadRequest, MeshError, NoCapacity, NotFound, Unavailable, WorkerDied
 from mesh.wire.framing import FrameError, FrameReader, pack
 from mesh.wire.inference import (TERMINAL, Event, Failed, Request, capabilities_of,
-                                 decode_event, encode_request)
+                                 decode_event, encode_request, merged)
 from node.processes import Backoff, terminate_process
 
 log = logging.getLogger("node.workers")
@@ -141,11 +141,9 @@ class Worker:
 
             async def events() -> AsyncIterator[Event]:
                 nonlocal finished
-                async for ev in recv:
+                async for ev in coalesced(recv):
                     finished = isinstance(ev, TERMINAL)
                     yield ev
-                    if finished:
-                        return
 
             yield events()
         finally:
@@ -342,6 +340,34 @@ class Worker:
             nursery.cancel_scope.cancel()
 
 
+async def coalesced(recv: trio.MemoryReceiveChannel) -> AsyncIterator[Event]:
+    """A request's events up to its terminal one, what piled up while the consumer was
+    busy (a slow client, a proxy write, a busy event loop) passed on as one Delta where
+    that says the same (mesh/wire/inference.py merged): one event, one SSE chunk and one
+    proxy frame per read of the consumer, not per token. A consumer that keeps up sees
+    every event as the worker sent it."""
+    held: Event | None = None
+    while True:
+        try:
+            ev = held if held is not None else await recv.receive()
+        except trio.EndOfChannel:
+            return
+        held = None
+        while not isinstance(ev, TERMINAL):
+            try:
+                nxt = recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            both = merged(ev, nxt)
+            if both is None:
+                held = nxt
+                break
+            ev = both
+        yield ev
+        if isinstance(ev, TERMINAL):
+            return
+
+
 class _LoadFailed(Exception):
     pass
 
@@ -415,4 +441,4 @@ class WorkerPool:
         return [w.describe() for w in self.workers.values()]
 
 
-__all__ = ["ModelSpec", "Worker", "WorkerPool"]
+__all__ = ["ModelSpec", "Worker", "WorkerPool", "coalesced"]

@@ -37,7 +37,8 @@ __all__ = ["VERSION", "Sampling", "ToolCall", "Tool", "Message", "ResponseFormat
            "Generate", "Embed", "Transcribe", "Tokenize", "Detokenize", "Speak", "Request",
            "Usage", "Delta", "Audio", "Done", "Result", "Failed", "Heartbeat", "Event",
            "encode_request", "decode_request", "encode_event", "decode_event",
-           "failed_from_error", "error_from_failed", "feature_of", "capabilities_of", "TERMINAL"]
+           "failed_from_error", "error_from_failed", "feature_of", "capabilities_of", "TERMINAL",
+           "merged"]
 
 VERSION = 2       # matches the proxy protocol's version: /mesh/openai/2
 
@@ -300,6 +301,19 @@ Event = Annotated[Union[Delta, Audio, Done, Result, Failed, Heartbeat],
                   Field(discriminator="kind")]
 _EVENT = TypeAdapter(Event)
 TERMINAL = (Done, Result, Failed)
+
+
+def merged(a: Event, b: Event) -> Delta | None:
+    """`a` then `b` as one Delta, when that says the same: both text of one choice, `a`
+    not ending it, neither carrying tool calls (their fragments keep their own chunks).
+    None when they must stay two events. A consumer that fell behind the worker takes
+    what piled up as one event (node/workers.py), so a slow reader costs one write, one
+    SSE chunk and one proxy frame per read, not per token."""
+    if (type(a) is not Delta or type(b) is not Delta or a.index != b.index
+            or a.finish_reason is not None or a.tool_calls or b.tool_calls):
+        return None
+    return Delta(text=a.text + b.text, logprobs=a.logprobs + b.logprobs, index=a.index,
+                 finish_reason=b.finish_reason)
 
 
 # -------------------------------------------------------------------- codecs
