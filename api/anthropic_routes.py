@@ -372,7 +372,8 @@ async def messages():
     sampling = Sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k)
     gen = Generate(model=req.model, messages=_turns(req), max_tokens=limit_tokens(req.max_tokens),
                    stop=stops, sampling=sampling, tools=tools, tool_choice=choice,
-                   parallel_tool_calls=parallel, response_format=_constraint(req.output_config))
+                   parallel_tool_calls=parallel, response_format=_constraint(req.output_config),
+                   stream=bool(req.stream))
     call = await open_call(gen)
     message = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
                "model": req.model}

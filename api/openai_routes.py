@@ -196,7 +196,8 @@ async def run_chat(req: ChatRequest) -> Response:
                    stop=tuple(req.stop or ()), sampling=_sampling(req),
                    response_format=_constraint(req.response_format), logprobs=req.n_logprobs(),
                    logit_bias=req.bias(), tools=tools, tool_choice=choice,
-                   parallel_tool_calls=req.parallel_tool_calls is not False, n=req.n)
+                   parallel_tool_calls=req.parallel_tool_calls is not False, n=req.n,
+                   stream=bool(req.stream))
     want_lp = gen.logprobs is not None
     call = await open_call(gen)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model
@@ -241,7 +242,7 @@ async def run_completion(req: CompletionRequest) -> Response:
     _refuse_unsupported(req, COMPLETION_FIELDS)
     gen = Generate(model=req.model, prompt=req.prompt, max_tokens=limit_tokens(req.limit()),
                    stop=tuple(req.stop or ()), sampling=_sampling(req), logprobs=req.logprobs,
-                   logit_bias=req.bias(), n=req.n)
+                   logit_bias=req.bias(), n=req.n, stream=bool(req.stream))
     want_lp = gen.logprobs is not None
     call = await open_call(gen)
     cid, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model

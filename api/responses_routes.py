@@ -401,7 +401,8 @@ async def run_response(req: ResponsesRequest) -> Response:
                    max_tokens=limit_tokens(req.max_output_tokens, "max_output_tokens"),
                    sampling=Sampling(temperature=req.temperature, top_p=req.top_p),
                    response_format=constraint, logprobs=n_logprobs, tools=tools,
-                   tool_choice=choice, parallel_tool_calls=req.parallel_tool_calls is not False)
+                   tool_choice=choice, parallel_tool_calls=req.parallel_tool_calls is not False,
+                   stream=bool(req.stream))
     turn = _Turn(req, tools_echo, choice_echo, text_echo, n_logprobs is not None)
     call = await open_call(gen)
     if req.stream:

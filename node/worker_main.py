@@ -41,8 +41,8 @@ from typing import Any
 
 from mesh.errors import BadRequest, MeshError
 from mesh.wire.framing import FrameError, SyncFramer
-from mesh.wire.inference import (TERMINAL, Done, Failed, Result, decode_request, encode_event,
-                                 failed_from_error)
+from mesh.wire.inference import (TERMINAL, Delta, Done, Failed, Result, decode_request,
+                                 encode_event, failed_from_error, merged)
 
 log = logging.getLogger("node.worker")
 
@@ -124,7 +124,7 @@ class WorkerServer:
                     if not hasattr(self.backend, "submit"):
                         raise BadRequest("this model does not generate text",
                                          code="model_not_supported", param="model")
-                    self.backend.submit(req, self._emitter(rid), cancel)
+                    self.backend.submit(req, self._emitter(rid, whole=not req.stream), cancel)
                     handed_off = True  # it lives on in the backend; _emitter ends it
                 elif kind == "tokens":
                     if not hasattr(self.backend, req.kind):
@@ -159,13 +159,31 @@ class WorkerServer:
                 if not handed_off:
                     self.cancels.pop(rid, None)
 
-    def _emitter(self, rid: int):
+    def _emitter(self, rid: int, *, whole: bool = False):
         """Event sender for a request that finishes on another thread: its final event
-        also forgets its cancel event."""
+        also forgets its cancel event. `whole` (Generate.stream false): Deltas are held
+        and joined (mesh/wire/inference.py merged) and go out when one cannot be joined
+        to the next, or before the final event: one frame for a plain answer, where a
+        stream sends one per token."""
+        held: list = []
+
+        def send(ev) -> None:
+            self.framer.send({"id": rid, "event": encode_event(ev)})
+
         def emit(ev) -> None:
             if isinstance(ev, TERMINAL):
                 self.cancels.pop(rid, None)
-            self.framer.send({"id": rid, "event": encode_event(ev)})
+            if whole:
+                if held:
+                    both = merged(held[0], ev)
+                    if both is not None:
+                        held[0] = both
+                        return
+                    send(held.pop())
+                if isinstance(ev, Delta) and not isinstance(ev, TERMINAL):
+                    held.append(ev)
+                    return
+            send(ev)
         return emit
 
     def _send(self, rid: int, ev) -> None:

@@ -79,3 +79,40 @@ def test_a_channel_closed_without_a_terminal_event_ends_the_stream() -> None:
         send.close()
         return [ev async for ev in coalesced(recv)]
     assert [e.text for e in trio.run(main)] == ["x"]
+
+
+class _Framer:
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+
+    def send(self, msg: dict) -> None:
+        self.sent.append(msg)
+
+
+def _kinds(framer: _Framer) -> list[tuple[str, str | None]]:
+    return [(m["event"]["kind"], m["event"].get("text")) for m in framer.sent]
+
+
+def test_a_non_streaming_request_gets_its_text_in_one_frame_at_the_end() -> None:
+    from node.worker_main import WorkerServer
+    call = ToolCall(id="call_1", name="f", arguments="{}")
+    events = [Delta(text="The "), Delta(text="answer", logprobs=(_lp("answer"),)),
+              Delta(text="", tool_calls=(call,)), Delta(text=" then"), Delta(text=" more"),
+              Done(finish_reason="stop")]
+    whole, streamed = _Framer(), _Framer()
+    emit_whole = WorkerServer(whole, backend=None)._emitter(1, whole=True)
+    emit_stream = WorkerServer(streamed, backend=None)._emitter(1)
+    for ev in events:
+        emit_whole(ev)
+        emit_stream(ev)
+    assert _kinds(streamed) == [("delta", "The "), ("delta", "answer"), ("delta", ""),
+                                ("delta", " then"), ("delta", " more"), ("done", None)]
+    assert _kinds(whole) == [("delta", "The answer"), ("delta", ""), ("delta", " then more"),
+                             ("done", None)]
+    assert [lp["token"] for lp in whole.sent[0]["event"]["logprobs"]] == ["answer"]
+    # a failure after some text: the text goes out first, then the failure
+    failed = _Framer()
+    emit = WorkerServer(failed, backend=None)._emitter(2, whole=True)
+    for ev in (Delta(text="par"), Delta(text="tial"), Failed(error="BackendError", message="x")):
+        emit(ev)
+    assert _kinds(failed) == [("delta", "partial"), ("failed", None)]

@@ -126,6 +126,10 @@ class Generate(_Wire):
     # bulk work (a batch line): the worker admits interactive requests first, and never
     # gives background work a model's last free slot (node/backends/batching.py)
     background: bool = False
+    # False: the caller wants the whole answer only (a non-streaming request, a batch
+    # line): the worker sends the text once, at the end (tool calls as their own
+    # Deltas), not a Delta per token (node/worker_main.py)
+    stream: bool = True
     # seconds it may wait for a free slot; past that the worker answers Failed(Unavailable,
     # code queue_timeout) and the router tries another node or the client gets a 503
     # with Retry-After (set by the router: node config queue_timeout; None: no bound)
