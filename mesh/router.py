@@ -13,7 +13,8 @@ socket, a worker or HTTP.
 Policy (``plan``):
 1. A request already proxied to us is served here or fails: never a second hop.
 2. The local node, when it has the model loaded (or loading) and is not saturated
-   (in-flight below its slots), or when no peer is expected to answer sooner.
+   (in-flight below its slots; for background work, a batch line, below its slots less
+   the one kept for interactive requests), or when no peer is expected to answer sooner.
 3. Otherwise the routable peers that have it loaded, best first: the lowest expected
    wait, wait = (busy + queued + our in-flight to it) / slots, then the higher recent
    decode speed, then the lower RTT; the local node, if it has the model, comes last.
@@ -210,9 +211,13 @@ class Router:
 
     # ------------------------------------------------------------- ranking
     def plan(self, model: str, *, proxied: bool = False, kind: str = "generate",
-             links: list[tuple[int, int]] | None = None) -> list[Target]:
+             links: list[tuple[int, int]] | None = None,
+             background: bool = False) -> list[Target]:
         """Candidates for `model`, best first (module note: Policy, Affinity). `links`:
-        the request's prefix chain (mesh/prefix.py chain)."""
+        the request's prefix chain (mesh/prefix.py chain). `background` (a batch line):
+        this node is full one slot early, the one its worker keeps for interactive
+        requests (node/backends/batching.py), so a line goes to a peer with room rather
+        than queue here."""
         need = BACKEND_OF.get(kind)
         local = self.local.find(model)
         if local is not None and local.state in ("loading", "loaded"):
@@ -231,7 +236,8 @@ class Router:
                 hit = self._affine(links, remote, saved(links, self.local.prefixes(local.id)), mine)
                 if hit is not None:
                     return [hit, *(t for t in others if t.peer is not hit.peer), here]
-            if local.in_flight < max(local.slots, 1) or all(self.wait(p) >= mine for p in remote):
+            room = local.slots - 1 if background and local.slots > 1 else local.slots
+            if local.in_flight < max(room, 1) or all(self.wait(p) >= mine for p in remote):
                 return [here]
             return [*others, replace(here, reason="local, after the peers")]
         if not proxied and self._meshed():
@@ -338,7 +344,8 @@ class Router:
             request = request.model_copy(update={"max_wait": self.queue_timeout})
         links = (chain(request) if isinstance(request, Generate) and self.affinity
                  and not proxied and self._meshed() else None)
-        targets = self.plan(request.model, proxied=proxied, kind=request.kind, links=links)
+        targets = self.plan(request.model, proxied=proxied, kind=request.kind, links=links,
+                            background=isinstance(request, Generate) and request.background)
         last: MeshError | None = None
         for i, target in enumerate(targets):
             stack = contextlib.AsyncExitStack()

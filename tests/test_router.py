@@ -152,6 +152,17 @@ def test_local_first_while_it_has_a_free_slot() -> None:
     assert names(r2.plan("m")) == ["local"]
 
 
+def test_a_batch_line_leaves_the_kept_slot_and_goes_to_a_peer_with_room() -> None:
+    local = FakeLocal(model=FakeModel(slots=4, in_flight=3))
+    r = router(local=local, cands=[peer("p", busy=1, slots=4)])
+    assert names(r.plan("m")) == ["local"]                    # interactive: the last slot
+    assert names(r.plan("m", background=True)) == ["p", "local"]
+    busy = router(local=local, cands=[peer("p", busy=4, slots=4)])
+    assert names(busy.plan("m", background=True)) == ["local"]   # nobody has more room
+    assert names(router(local=FakeLocal(model=FakeModel(slots=4, in_flight=2)),
+                        cands=[peer("p")]).plan("m", background=True)) == ["local"]
+
+
 def test_a_proxied_request_never_hops_again() -> None:
     r = router(local=FakeLocal(model=None), cands=[peer("p")])
     with pytest.raises(ModelNotFound) as ei:
