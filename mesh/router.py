@@ -16,7 +16,8 @@ Policy (``plan``):
    (in-flight below its slots; for background work, a batch line, below its slots less
    the one kept for interactive requests), or when no peer is expected to answer sooner.
 3. Otherwise the routable peers that have it loaded, best first: the lowest expected
-   wait, wait = (busy + queued + our in-flight to it) / slots, then the higher recent
+   wait, wait = (busy + queued + our in-flight to it that its gossip cannot show yet:
+   sent less than REFLECT_S before its latest state) / slots, then the higher recent
    decode speed, then the lower RTT; the local node, if it has the model, comes last.
    Two choices (Mitzenmacher): where more than two peers have a free slot (in-flight
    counted) and cost about the same, the first is the better of two of them drawn at
@@ -84,6 +85,7 @@ DEFAULT_QUEUE_TIMEOUT = 30.0   # s an interactive generation may wait for a slot
 MIN_SAVED = 64                 # estimated prompt tokens a peer must hold beyond us to be preferred
 BALANCE = 0.5                  # ... when its wait is within this of the least busy candidate's
 REF_TOKENS = 128               # a reference generation, to weigh decode speed against RTT (Herding)
+REFLECT_S = 0.5                # s after a dispatch from which a peer's gossiped state counts it
 NEAR = 1.25                    # expected-time ratio within which free peers count as equal (Herding)
 SLACK_S = 0.01                 # ... or this many seconds (RTTs alone: 1 ms and 3 ms are equal)
 
@@ -204,6 +206,7 @@ class Router:
     request_timeout: float = DEFAULT_TIMEOUT
     queue_timeout: float | None = DEFAULT_QUEUE_TIMEOUT   # Generate.max_wait (interactive)
     in_flight_to: dict[str, int] = field(default_factory=dict)
+    sent_at: dict[str, list[float]] = field(default_factory=dict)   # their dispatch times
     silent_since: dict[str, float] = field(default_factory=dict)
     affinity: bool = True         # prefix-affine routing (module note: Affinity)
     routes: Counter = field(default_factory=Counter)   # requests started, by Target.reason
@@ -259,7 +262,17 @@ class Router:
         return self.peers is not None and self.transport is not None
 
     def wait(self, p: PeerCandidate) -> float:
-        return (p.busy + p.queued + self.in_flight_to.get(p.peer_id, 0)) / max(p.slots, 1)
+        return (p.busy + p.queued + self.unreflected(p)) / max(p.slots, 1)
+
+    def unreflected(self, p: PeerCandidate) -> int:
+        """Our requests in flight to `p` that its gossiped busy/queued cannot show yet:
+        those sent less than REFLECT_S before its latest state arrived (the rest are in
+        its counts; adding them again made a peer look twice as busy as it was). Without
+        dispatch times (a test setting in_flight_to), all of them."""
+        times = self.sent_at.get(p.peer_id)
+        if times is None:
+            return self.in_flight_to.get(p.peer_id, 0)
+        return sum(1 for t in times if t + REFLECT_S > p.last_seen)
 
     def ranked(self, model: str) -> list[PeerCandidate]:
         """The routable peers serving `model` by (wait, -tokens/s, RTT): Policy 3 without
@@ -279,7 +292,7 @@ class Router:
         return ranked
 
     def _free(self, p: PeerCandidate) -> bool:
-        return p.busy + p.queued + self.in_flight_to.get(p.peer_id, 0) < max(p.slots, 1)
+        return p.busy + p.queued + self.unreflected(p) < max(p.slots, 1)
 
     def _equals(self, ranked: list[PeerCandidate]) -> list[int]:
         """Indexes into `ranked` of the peers two choices draws from (module note: Herding):
@@ -307,7 +320,7 @@ class Router:
         if best is None or most - here_saved < MIN_SAVED:
             return None
         waits = [self.wait(p) for p in remote] + ([here_wait] if here_wait is not None else [])
-        after = best.busy + best.queued + self.in_flight_to.get(best.peer_id, 0) + 1
+        after = best.busy + best.queued + self.unreflected(best) + 1
         if after > max(best.slots, 1) or self.wait(best) - min(waits) > BALANCE:
             return None               # it would queue, or others are much less busy
         return Target(model=best.model, peer=best, reason=f"prefix (~{most} tokens cached)")
@@ -380,15 +393,20 @@ class Router:
             peer = target.peer
             assert self.transport is not None
             self.in_flight_to[peer.peer_id] = self.in_flight_to.get(peer.peer_id, 0) + 1
-            stack.callback(self._release, peer.peer_id)
+            sent = trio.current_time()
+            self.sent_at.setdefault(peer.peer_id, []).append(sent)
+            stack.callback(self._release, peer.peer_id, sent)
             return await stack.enter_async_context(
                 self.transport.open(peer, request, caller=caller, deadline=deadline))
         assert scope.cancelled_caught
         raise Timeout(f"{target.name} did not take the request before its deadline",
                       code="deadline_exceeded")
 
-    def _release(self, peer_id: str) -> None:
+    def _release(self, peer_id: str, sent: float | None = None) -> None:
         self.in_flight_to[peer_id] = max(0, self.in_flight_to.get(peer_id, 1) - 1)
+        times = self.sent_at.get(peer_id)
+        if times is not None and sent in times:
+            times.remove(sent)
 
 
 def _check_backend(model: str, backend: str, need: str | None) -> None:

@@ -163,6 +163,18 @@ def test_a_batch_line_leaves_the_kept_slot_and_goes_to_a_peer_with_room() -> Non
                         cands=[peer("p")]).plan("m", background=True)) == ["local"]
 
 
+def test_our_requests_count_until_the_peers_gossip_can_show_them() -> None:
+    """wait = (busy + queued + ours not yet in its gossip) / slots: a request sent 0.1 s
+    before the peer's latest state is not in it; one sent 2 s before is in its busy."""
+    p = peer("p", busy=2, slots=4, last_seen=10.0)
+    r = router(local=FakeLocal(model=None), cands=[p])
+    r.in_flight_to["p"] = 2
+    r.sent_at["p"] = [8.0, 9.9]
+    assert r.unreflected(p) == 1 and r.wait(p) == 0.75
+    r.sent_at["p"] = [8.0]
+    assert r.wait(p) == 0.5                       # the old sum said 1.0: twice the truth
+
+
 def test_a_proxied_request_never_hops_again() -> None:
     r = router(local=FakeLocal(model=None), cands=[peer("p")])
     with pytest.raises(ModelNotFound) as ei:
