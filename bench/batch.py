@@ -8,8 +8,9 @@ process may run on). Three nodes serve SmolLM2:
     pair-b   CPU 1 /  which spreads its lines over both
 Rounds alternate solo / pair. Per round: the wall time of an N-line batch
 (files.create -> batches.create -> completed, polled every 0.2 s), and the time to first
-token of a streaming chat sent to the entry node while it is idle and while the batch
-runs (at ~30% progress). Printed: medians over rounds, and the ratios
+token of a streaming chat sent to the entry node while it is idle (5, after a warm-up)
+and while the batch runs (5, at 30%, 40% ... 70% of its lines). Printed: medians over
+rounds (TTFT: over every sample), and the ratios
     speed-up     = solo batch time / pair batch time            (target >= 1.7)
     TTFT cost    = TTFT during the batch / TTFT idle, on pair-a  (target <= 1.5)
 
@@ -32,6 +33,7 @@ from tests.procs import MeshNode, run_cli
 
 MODEL = "smollm2-135m-instruct"
 POLL_S = 0.2
+DURING = 5          # interactive requests per batch, at 30%, 40%, ... 70% of its lines
 
 
 def lines(n: int, tokens: int) -> bytes:
@@ -64,7 +66,7 @@ def run_batch(client: openai.OpenAI, data: bytes) -> tuple[float, list[float]]:
     during: list[float] = []
     while b.status not in ("completed", "failed", "cancelled", "expired"):
         c = b.request_counts
-        if c.total and not during and c.completed >= 0.3 * c.total:
+        if c.total and len(during) < DURING and c.completed >= (0.3 + 0.1 * len(during)) * c.total:
             during.append(ttft(client))
         time.sleep(POLL_S)
         b = client.batches.retrieve(b.id)
@@ -104,14 +106,16 @@ def main() -> None:
                 for name in (("solo", "pair") if r % 2 == 0 else ("pair", "solo")):
                     c = clients[name]
                     if name == "pair":
-                        idle.append(min(ttft(c) for _ in range(3)))
+                        ttft(c)                                     # warm
+                        idle.extend(ttft(c) for _ in range(DURING))
                     wall, during = run_batch(c, data)
                     walls[name].append(wall)
                     if name == "pair":
                         busy.extend(during)
                     print(f"round {r + 1} {name:4}: {args.lines} lines in {wall:6.1f} s"
-                          + (f", TTFT idle {idle[-1] * 1000:.0f} ms, during "
-                             f"{during[0] * 1000:.0f} ms" if name == "pair" and during else ""),
+                          + (f", TTFT idle {statistics.median(idle[-DURING:]) * 1000:.0f} ms, "
+                             f"during {' '.join(f'{x * 1000:.0f}' for x in during)} ms"
+                             if name == "pair" and during else ""),
                           flush=True)
         finally:
             for n in (b, a, solo):
