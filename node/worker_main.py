@@ -165,23 +165,25 @@ class WorkerServer:
         and joined (mesh/wire/inference.py merged) and go out when one cannot be joined
         to the next, or before the final event: one frame for a plain answer, where a
         stream sends one per token."""
-        held: list = []
+        held: Delta | None = None
 
         def send(ev) -> None:
             self.framer.send({"id": rid, "event": encode_event(ev)})
 
         def emit(ev) -> None:
+            nonlocal held
             if isinstance(ev, TERMINAL):
                 self.cancels.pop(rid, None)
             if whole:
-                if held:
-                    both = merged(held[0], ev)
-                    if both is not None:
-                        held[0] = both
-                        return
-                    send(held.pop())
-                if isinstance(ev, Delta) and not isinstance(ev, TERMINAL):
-                    held.append(ev)
+                if held is not None:
+                    both = merged(held, ev)
+                    if both is None:
+                        send(held)
+                    else:
+                        ev = both
+                    held = None
+                if isinstance(ev, Delta):
+                    held = ev
                     return
             send(ev)
         return emit
