@@ -32,7 +32,11 @@ A step. The scheduler thread loops:
      streams keep producing a token per step. Logits are asked for a prompt only on the
      step that feeds its last token;
   4. `llama_decode` (releases the GIL: the worker's reader thread keeps answering
-     `cancel`/`stats` meanwhile);
+     `cancel`/`stats` meanwhile). A step that holds only background rows is aborted
+     when an interactive request is submitted during it (llama.cpp's abort callback,
+     polled between the graph's nodes): its cells are removed, nothing counts as fed,
+     and the next step reads the interactive prompt, so a chat sent during a batch
+     waits for no batch step (one 7-row step of SmolLM2 on one core is ~100 ms);
   5. for every row with logits, the request's own sampler chain picks a token
      (`llama_sampler_sample(chain, ctx, row)`), which is turned into text and checked
      against EOG, stop strings and max_tokens. A request that is done sends its `done`
@@ -94,8 +98,9 @@ Left out on purpose
   cache: with kv_unified each sequence's attention spans every slot's cells, slower here.
 - Cost-aware slot choice (llama-server's similarity threshold, LRU by cache size),
   speculative decoding, n > 1.
-- Preemption: a running request keeps its slot until it ends; the queue is FCFS and
-  unbounded here (the node caps it with max_queue before it gets here).
+- Preemption of slots: a running request keeps its slot until it ends (only a step of
+  batch lines is cut short, above); the queue is FCFS and unbounded here (the node caps
+  it with max_queue before it gets here).
 """
 
 from __future__ import annotations
@@ -117,6 +122,8 @@ from mesh.wire.inference import Delta, Done, Failed, TokenLogprob, TopLogprob, U
 from node.backends import tools
 
 log = logging.getLogger("node.backends.batching")
+
+_LIBC = ctypes.CDLL(None)    # the process's own libc: strlen is the abort callback
 
 Emit = Callable[[Any], None]     # takes a Delta | Done | Failed (mesh/wire/inference.py)
 
@@ -329,6 +336,16 @@ class BatchScheduler:
         self._tps: collections.deque[tuple[float, float, int]] = collections.deque()
         self.tokens_per_s = 0.0
         self._hold: float | None = None     # s a request holds its slot (moving average)
+        # Preemption (design note "A step", 4): llama.cpp asks the abort callback between
+        # graph nodes; the callback is libc's strlen over a 2-byte flag buffer (true once
+        # byte 0 is set), C calling C: no Python, no GIL, per node of the forward pass.
+        self._abort = ctypes.create_string_buffer(2)
+        self._abort_cb = llama_cpp.ggml_abort_callback(
+            ctypes.cast(_LIBC.strlen, ctypes.c_void_p).value)
+        llama_cpp.llama_set_abort_callback(self.ctx, self._abort_cb,
+                                           ctypes.cast(self._abort, ctypes.c_void_p))
+        self._background_step = False       # the decode running holds background rows only
+        self.preempted = 0                  # steps aborted for an interactive request
         self._thread = threading.Thread(target=self._serve, name="llama-scheduler", daemon=True)
         self._thread.start()
 
@@ -338,6 +355,8 @@ class BatchScheduler:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
             self._queue.append(job)
+            if not job.background and self._background_step:
+                self._abort[0] = 1          # abort the batch lines' step: this one first
             self._cv.notify()
 
     @property
@@ -400,9 +419,18 @@ class BatchScheduler:
         rows = self._fill()
         if not rows and self.batch.n_tokens == 0:
             return
+        with self._cv:
+            self._abort[0] = 0
+            self._background_step = (all(s.job.background for s, _ in self._fed)
+                                     and not any(not j.background for j in self._queue))
         t0 = time.perf_counter()
         rc = llama_cpp.llama_decode(self.ctx, self.batch)
         dt = time.perf_counter() - t0
+        with self._cv:
+            self._background_step = False
+        if rc == 2 and self._abort[0]:
+            self._undo_step()
+            return
         if rc != 0:
             self._decode_failed(rc)
             return
@@ -673,6 +701,17 @@ class BatchScheduler:
             waiting = next((s for s in self.slots if s.job is child), None)
             if waiting is not None:
                 self._fail(waiting, message)
+
+    def _undo_step(self) -> None:
+        """An aborted decode (an interactive request arrived during a step of batch
+        lines): whatever llama.cpp kept of it is removed (every fed sequence goes back to
+        the cells its slot's cache names), prompt tokens count as not fed, and the next
+        step starts with the interactive request's prompt."""
+        self.preempted += 1
+        for slot, toks in self._fed:
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.id, len(slot.cache), -1)
+            if slot.job is not None and slot.job.prefilling:
+                slot.job.n_fed -= len(toks)
 
     def _decode_failed(self, rc: int) -> None:
         log.error("llama_decode returned %d for a batch of %d tokens", rc, self.batch.n_tokens)
