@@ -49,7 +49,8 @@ def _output(client, file_id: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     n = MeshNode(tmp_path_factory.mktemp("batch") / "home",
-                 ["--model", CHAT, "--no-mdns", "--name", "b"]).start().wait_ready()
+                 ["--model", CHAT, "--no-mdns", "--name", "b"],
+                 env={"MESH_LOG_LEVEL": "DEBUG"}).start().wait_ready()   # the worker's log
     yield n
     n.stop()
 
@@ -180,6 +181,33 @@ def test_batch_lines_leave_a_slot_free_for_interactive_requests(client, node) ->
         time.sleep(POLL_S)
     assert b.status == "completed" and max(seen) == slots - 1, seen
     assert served is not None and served.choices[0].message.content
+
+
+def test_interactive_requests_cut_a_batch_step_short_and_change_no_answer(client, node) -> None:
+    """A chat sent while only batch lines run aborts their step (node/backends/batching.py,
+    "A step"); the aborted step is redone, so every greedy line still answers what it
+    answers alone."""
+    n = 6
+    alone = [client.chat.completions.create(
+        model=CHAT, max_tokens=24, temperature=0,
+        messages=[{"role": "user", "content": f"Count to {i % 7 + 2}."}]).choices[0].message.content
+        for i in range(n)]
+    f = client.files.create(file=("p.jsonl", _lines(n, max_tokens=24)), purpose="batch")
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    chats = 0
+    while (b := client.batches.retrieve(b.id)).status not in ("completed", "failed"):
+        if b.status == "in_progress" and chats < 6:
+            r = client.chat.completions.create(model=CHAT, max_tokens=2, messages=[
+                {"role": "user", "content": f"Say {chats}."}])
+            assert r.choices[0].message.content
+            chats += 1
+        else:
+            time.sleep(POLL_S)
+    assert b.status == "completed" and chats, (b.status, chats)
+    out = _output(client, b.output_file_id)
+    assert [x["response"]["body"]["choices"][0]["message"]["content"] for x in out] == alone
+    assert "a step of batch lines was aborted for an interactive request" in node.log_tail(10**7)
 
 
 def test_the_cli_lists_follows_and_downloads_a_batch(client, node, tmp_path) -> None:

@@ -708,6 +708,8 @@ class BatchScheduler:
         the cells its slot's cache names), prompt tokens count as not fed, and the next
         step starts with the interactive request's prompt."""
         self.preempted += 1
+        log.debug("a step of batch lines was aborted for an interactive request (%d so far)",
+                  self.preempted)
         for slot, toks in self._fed:
             llama_cpp.llama_memory_seq_rm(self.mem, slot.id, len(slot.cache), -1)
             if slot.job is not None and slot.job.prefilling:
