@@ -273,7 +273,7 @@ def ask(i: int = 1, messages=HI) -> tuple[int, str, str, str]:
         raw.parse().choices[0].message.content, raw.headers.get("x-mesh-route", "")
 
 
-def served_despite(mesh: Mesh, fault, tries: int = 3) -> tuple[str, list[tuple]]:
+def served_despite(mesh: Mesh, fault, tries: int = 3, tag: str = "") -> tuple[str, list[tuple]]:
     """A conversation through h1 until h1 sends its next turn to X for X's cached prefix
     (mesh/router.py, affinity), X being the only server that ever served that turn (so the
     other holds less of it and X is h1's first choice); fault(X); then `tries` next turns
@@ -282,7 +282,7 @@ def served_despite(mesh: Mesh, fault, tries: int = 3) -> tuple[str, list[tuple]]
     (status, node, text, seconds, x-mesh-route)."""
     for attempt in range(4):
         first = [{"role": "system", "content": SYSTEM},
-                 {"role": "user", "content": f"Name a colour (conversation {attempt})."}]
+                 {"role": "user", "content": f"Name a colour (conversation {tag}{attempt})."}]
         status, _, text, _ = mesh.seat.call(ask, 1, first)
         assert status == 200, (status, text)
         nxt = [*first, {"role": "assistant", "content": text},
@@ -340,22 +340,33 @@ def test_a_peer_frozen_mid_stream_ends_the_stream_with_a_readable_error(mesh) ->
 
 
 def test_a_request_whose_first_choice_is_frozen_is_served_by_the_other(mesh) -> None:
-    frozen = []
+    """h1 tries the frozen holder of the prefix first and moves on. h1's choice is made on
+    gossip a second old, so now and then the other server goes first (the frozen one never
+    tried: nothing exercised); then the case is run again on a fresh conversation, and it
+    fails when that happens every time."""
+    missed = []
+    for round_ in range(3):
+        frozen = []
 
-    def freeze(name):
-        os.kill(mesh.nodes[name].proc.pid, signal.SIGSTOP)
-        frozen.append(name)
-    try:
-        name, answers = served_despite(mesh, freeze)
-    finally:
-        for n in frozen:
-            os.kill(mesh.nodes[n].proc.pid, signal.SIGCONT)
-    print(f"{name} frozen: {answers}")
-    # h1 tried the frozen peer first (its prefix), and moved on
-    log = mesh.nodes["h1"].log_tail(10**6)
-    assert (f"{name} could not start the request" in log
-            or f"'{name}' did not take the request" in log), log[-3000:]
-    assert eventually(mesh.healed, timeout=HEAL_S), mesh.serving(1)
+        def freeze(name):
+            os.kill(mesh.nodes[name].proc.pid, signal.SIGSTOP)
+            frozen.append(name)
+        seen = len(mesh.nodes["h1"].log_tail(10**9))
+        try:
+            name, answers = served_despite(mesh, freeze, tag=f"r{round_}-")
+        finally:
+            for n in frozen:
+                os.kill(mesh.nodes[n].proc.pid, signal.SIGCONT)
+        print(f"{name} frozen: {answers}")
+        log = mesh.nodes["h1"].log_tail(10**9)[seen:]
+        assert eventually(mesh.healed, timeout=HEAL_S), mesh.serving(1)
+        # h1 tried the frozen peer first (its prefix), and moved on
+        if (f"{name} could not start the request" in log
+                or f"'{name}' did not take the request" in log):
+            break
+        missed.append((name, answers, log[-1500:]))
+    else:
+        raise AssertionError(f"h1 never tried the frozen holder of the prefix first: {missed}")
     assert mesh.seat.call(ask, int(name[1:]))[:2] == (200, name)     # and it serves again
 
 
