@@ -210,6 +210,34 @@ def test_interactive_requests_cut_a_batch_step_short_and_change_no_answer(client
     assert "a step of batch lines was aborted for an interactive request" in node.log_tail(10**7)
 
 
+def test_a_chat_sent_during_a_batch_finds_its_prompt_cached(client, node) -> None:
+    """The slot a batch leaves free is the one the latest chat used (node/backends/
+    batching.py, "Prompt cache"), so the next turn of that conversation, sent while batch
+    lines fill every other slot, reads only its last prompt token again."""
+    slots = {m["id"]: m for n in httpx.get(node.api + "/mesh/status").json()["nodes"]
+             for m in n["models"]}[CHAT]["slots"]
+    turn = [{"role": "system", "content": "You are a terse assistant for a team that shares "
+             "a few machines on one local network. Answer in one short sentence."},
+            {"role": "user", "content": "Which machine should run the nightly job?"}]
+    warm = client.chat.completions.create(model=CHAT, max_tokens=4, temperature=0, messages=turn)
+    assert warm.usage.prompt_tokens > 30
+    f = client.files.create(file=("c.jsonl", _lines(3 * slots, max_tokens=40)), purpose="batch")
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    during = []
+    while (b := client.batches.retrieve(b.id)).status not in ("completed", "failed"):
+        busy = {m["id"]: m for n in httpx.get(node.api + "/mesh/status").json()["nodes"]
+                for m in n["models"]}[CHAT]["busy"]
+        if busy == slots - 1 and len(during) < 3:          # lines in every other slot
+            r = client.chat.completions.create(model=CHAT, max_tokens=4, temperature=0,
+                                               messages=turn)
+            if client.batches.retrieve(b.id).status == "in_progress":
+                during.append((r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens))
+        time.sleep(POLL_S)
+    assert b.status == "completed" and during, (b.status, during)
+    assert all(cached == prompt - 1 for prompt, cached in during), during
+
+
 def test_the_cli_lists_follows_and_downloads_a_batch(client, node, tmp_path) -> None:
     f = client.files.create(file=("cli.jsonl", _lines(4)), purpose="batch")
     b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",

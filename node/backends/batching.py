@@ -78,7 +78,11 @@ the slot that leaves the fewest runs of consecutive busy slots, then to the leas
 recently used one, so that recent conversations keep their cache longer. Cells past the
 common prefix are removed (`llama_memory_seq_rm(seq, n_keep, -1)`) and only the suffix
 is evaluated; at least the last prompt token is always re-evaluated, since its logits
-are needed. `usage.prompt_tokens_details.cached_tokens` = n_keep. A request that ends
+are needed. A background job (a batch line) never takes the free slot an interactive job
+used last while another is free: since it never takes the last free slot either, the
+slot a batch leaves free is that one, and the next turn of the latest conversation finds
+its prompt there (else a chat sent during a batch met a slot full of batch lines and
+read its whole prompt again). `usage.prompt_tokens_details.cached_tokens` = n_keep. A request that ends
 normally or is cancelled leaves its cells in place (they are its slot's cache; in a
 split cache no other sequence could use them); a failed decode clears the sequence.
 
@@ -282,6 +286,7 @@ class Slot:
     cache: list[int] = field(default_factory=list)   # tokens whose KV the sequence holds
     job: Job | None = None
     last_used: int = 0
+    last_interactive: int = 0      # when an interactive job last took it (0: never)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -510,6 +515,8 @@ class BatchScheduler:
                 if job is None:
                     return
                 self._queue.remove(job)
+            if job.background:
+                free = self._spare(free)
             active = {s.id for s in self.slots if s.job is not None}
             best = min(free, key=lambda s: (-common_prefix(s.cache, job.prompt),
                                             _runs(active | {s.id}), s.last_used))
@@ -517,10 +524,20 @@ class BatchScheduler:
             self._start(best, job, n_common)
             for child in job.children:
                 active = {s.id for s in self.slots if s.job is not None}
-                slot = min((s for s in self.slots if s.job is None),
+                rest = [s for s in self.slots if s.job is None]
+                slot = min(self._spare(rest) if job.background else rest,
                            key=lambda s: (_runs(active | {s.id}), s.last_used))
                 self._start(slot, child, 0)
                 child.n_fed = len(child.prompt)   # nothing to feed: it gets the parent's KV
+
+    def _spare(self, free: list[Slot]) -> list[Slot]:
+        """The free slots a background job may take: all but the one an interactive job
+        used last, while another is free (module note: Prompt cache), so the slot a batch
+        leaves free holds the latest conversation's prompt."""
+        kept = max(free, key=lambda s: s.last_interactive)
+        if len(free) < 2 or kept.last_interactive == 0:
+            return free
+        return [s for s in free if s is not kept]
 
     def _next(self, n_free: int) -> Job | None:
         """The queued job to admit now, if any: interactive ones first come first served
@@ -544,6 +561,8 @@ class BatchScheduler:
         del slot.cache[n_keep:]
         job.t_start = time.perf_counter()
         slot.job, slot.last_used = job, next(self._use)
+        if not job.background:
+            slot.last_interactive = slot.last_used
         job.n_cached = job.n_fed = n_keep
         job.text = TextStream(job.stops)
         job.chain = None if job.argmax else job.sampling.chain(self.n_vocab)
