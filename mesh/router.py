@@ -13,8 +13,11 @@ socket, a worker or HTTP.
 Policy (``plan``):
 1. A request already proxied to us is served here or fails: never a second hop.
 2. The local node, when it has the model loaded (or loading) and is not saturated
-   (in-flight below its slots; for background work, a batch line, below its slots less
-   the one kept for interactive requests), or when no peer is expected to answer sooner.
+   (in-flight below its slots, not counting batch lines queued past the slots they may
+   hold: an interactive request goes before them; for background work, a batch line,
+   in-flight below its slots less the one kept for interactive requests), or when no
+   peer is expected to answer sooner (for a batch line: no peer surely holds less, by
+   ``_lower_bound``).
 3. Otherwise the routable peers that have it loaded, best first: the lowest expected
    wait, wait = (busy + queued + our in-flight to it that its gossip cannot show yet:
    sent less than REFLECT_S before its latest state) / slots, then the higher recent
@@ -98,6 +101,7 @@ class LocalModel(Protocol):
     state: str          # loading | loaded | failed | stopped
     slots: int
     in_flight: int
+    background: int     # batch lines among in_flight
 
 
 class LocalBackend(Protocol):
@@ -233,14 +237,23 @@ class Router:
             remote = self.rank(local.id)
             if not remote:
                 return [here]
-            mine = local.in_flight / max(local.slots, 1)
+            slots = max(local.slots, 1)
+            if background:
+                used, room = local.in_flight, max(slots - 1, 1)
+                fuller = all(self._lower_bound(p) / max(p.slots, 1) >= used / slots
+                             for p in remote)
+            else:
+                # batch lines past the slots they may hold are queued behind this request
+                used = local.in_flight - max(0, local.background - max(slots - 1, 1))
+                room = slots
+                fuller = all(self.wait(p) >= used / slots for p in remote)
+            mine = used / slots
             others = [Target(model=p.model, peer=p, reason="least busy") for p in remote]
             if links and self.affinity:
                 hit = self._affine(links, remote, saved(links, self.local.prefixes(local.id)), mine)
                 if hit is not None:
                     return [hit, *(t for t in others if t.peer is not hit.peer), here]
-            room = local.slots - 1 if background and local.slots > 1 else local.slots
-            if local.in_flight < max(room, 1) or all(self.wait(p) >= mine for p in remote):
+            if used < room or fuller:
                 return [here]
             return [*others, replace(here, reason="local, after the peers")]
         if not proxied and self._meshed():
@@ -263,6 +276,14 @@ class Router:
 
     def wait(self, p: PeerCandidate) -> float:
         return (p.busy + p.queued + self.unreflected(p)) / max(p.slots, 1)
+
+    def _lower_bound(self, p: PeerCandidate) -> int:
+        """What `p` surely runs or queues: the larger of its gossiped count (seconds old)
+        and our requests in flight to it. Batch lines weigh a peer by this: the dispatching
+        node sends most of them, and `wait`'s sum counts the ones sent just before its
+        latest state twice, so a peer with room looked fuller than this node and lines
+        piled up here, past the slot kept for interactive requests."""
+        return max(p.busy + p.queued, self.in_flight_to.get(p.peer_id, 0))
 
     def unreflected(self, p: PeerCandidate) -> int:
         """Our requests in flight to `p` that its gossiped busy/queued cannot show yet:

@@ -77,6 +77,7 @@ class Worker:
         self._stream: trio.SocketStream | None = None
         self._send_lock = trio.Lock()
         self._pending: dict[int, trio.MemorySendChannel] = {}
+        self._background: set[int] = set()      # ids of the pending batch lines
         self._ids = itertools.count(1)
         self._ready = trio.Event()
         self._cancel_scope: trio.CancelScope | None = None
@@ -90,6 +91,11 @@ class Worker:
     @property
     def in_flight(self) -> int:
         return len(self._pending)
+
+    @property
+    def background(self) -> int:
+        """Batch lines (Generate.background) among the requests in flight."""
+        return len(self._background)
 
     @property
     def backend(self) -> str:
@@ -135,6 +141,8 @@ class Worker:
         rid = next(self._ids)
         send, recv = trio.open_memory_channel(math.inf)
         self._pending[rid] = send
+        if getattr(request, "background", False):
+            self._background.add(rid)
         finished = False
         try:
             await self._send({"op": "run", "id": rid, "request": encode_request(request)})
@@ -148,6 +156,7 @@ class Worker:
             yield events()
         finally:
             self._pending.pop(rid, None)
+            self._background.discard(rid)
             if not finished and self._stream is not None:
                 with trio.CancelScope(shield=True):
                     with trio.move_on_after(1):

@@ -26,6 +26,7 @@ class FakeModel:
     state: str = "loaded"
     slots: int = 2
     in_flight: int = 0
+    background: int = 0
 
 
 @dataclass
@@ -161,6 +162,30 @@ def test_a_batch_line_leaves_the_kept_slot_and_goes_to_a_peer_with_room() -> Non
     assert names(busy.plan("m", background=True)) == ["local"]   # nobody has more room
     assert names(router(local=FakeLocal(model=FakeModel(slots=4, in_flight=2)),
                         cands=[peer("p")]).plan("m", background=True)) == ["local"]
+
+
+def test_batch_lines_queued_here_do_not_turn_a_chat_away() -> None:
+    """8 slots, 7 batch lines running and 2 queued (they never take the kept slot): a chat
+    is admitted before the queued lines, into the free slot, so it stays here."""
+    local = FakeLocal(model=FakeModel(slots=8, in_flight=9, background=9))
+    r = router(local=local, cands=[peer("p", slots=8)])
+    assert names(r.plan("m")) == ["local"]
+    local.model.background = 0                 # 9 chats: saturated, the idle peer goes first
+    assert names(r.plan("m")) == ["p", "local"]
+
+
+def test_a_batch_line_goes_to_a_peer_that_surely_holds_fewer() -> None:
+    """Lines sent just before a peer's latest state are in its busy count and in our
+    unreflected ones: weighed by `wait` it looked fuller than this node (12/8 against
+    9/8) and lines piled up here; by what it surely runs (7 of ours) it has room."""
+    local = FakeLocal(model=FakeModel(slots=8, in_flight=9, background=9))
+    p = peer("p", busy=5, slots=8, last_seen=10.0)
+    r = router(local=local, cands=[p])
+    r.in_flight_to["p"], r.sent_at["p"] = 7, [9.6, 9.7, 9.8, 9.9, 9.9, 10.0, 10.0]
+    assert r.wait(p) == 1.5
+    assert names(r.plan("m", background=True)) == ["p", "local"]
+    r.in_flight_to["p"] = 9                    # it does hold more than we do: stay here
+    assert names(r.plan("m", background=True)) == ["local"]
 
 
 def test_our_requests_count_until_the_peers_gossip_can_show_them() -> None:
