@@ -23,7 +23,7 @@ import numpy as np
 from quart import Blueprint, Response, request
 
 from api import transcripts
-from api.body import DONE, json_body, sse, sse_response
+from api.body import DONE, TEXT, SseTemplate, json_body, sse, sse_response
 from api.common import (check_tool_choice, collect, function_tool, json_constraint,
                         limit_tokens, node_headers, open_call, result, services)
 from api.errors import json_response, openai_error
@@ -89,13 +89,19 @@ def _stream(call: Call, chunk: Chunk, first: list[dict[str, Any]], include_usage
             n: int = 1) -> Response:
     """SSE chunks from the call's events. With n > 1 each choice ends with its own
     finish chunk (a Delta holding its finish_reason), and the final Done adds nothing
-    but the usage."""
+    but the usage. A plain text chunk of choice 0 (most of a stream) comes from a
+    template encoded once (api/body.py SseTemplate)."""
+    text_chunk = SseTemplate(chunk(TEXT, None))
+
     async def body() -> AsyncIterator[bytes]:
         try:
             for c in first:
                 yield sse(c)
             async for ev in call.events():
-                if isinstance(ev, Delta):
+                if type(ev) is Delta and ev.text and not ev.index and not ev.logprobs \
+                        and not ev.tool_calls and ev.finish_reason is None:
+                    yield text_chunk(ev.text)
+                elif isinstance(ev, Delta):
                     if ev.tool_calls:
                         yield sse(chunk(None, None, logprobs=ev.logprobs,
                                         tool_calls=ev.tool_calls, index=ev.index))
