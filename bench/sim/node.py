@@ -84,6 +84,7 @@ class SimModel:
     backend: str = "llama"
     state: str = "loaded"
     in_flight: int = 0
+    background: int = 0     # the simulator sends no batch lines
 
 
 class _NoTransport:

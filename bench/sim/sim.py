@@ -398,8 +398,10 @@ class Sim:
         self._counterfactual()
         j = self.by_peer[target.peer.peer_id]
         router = origin.router
-        router.in_flight_to[target.peer.peer_id] = router.in_flight_to.get(target.peer.peer_id, 0) + 1
-        req["peer"] = target.peer.peer_id
+        pid = target.peer.peer_id
+        router.in_flight_to[pid] = router.in_flight_to.get(pid, 0) + 1
+        router.sent_at.setdefault(pid, []).append(self.loop.now)   # as Router._enter does
+        req["peer"], req["sent"] = pid, self.loop.now
         self.loop.after(self.links.latency(origin.i, j), self._req_arrive, j, req)
 
     def _counterfactual(self) -> None:
@@ -424,7 +426,7 @@ class Sim:
         origin = self.nodes[req["origin"]]
         peer = req.pop("peer")
         origin.router.silent_since[peer] = self.loop.now
-        origin.router._release(peer)
+        origin.router._release(peer, req.pop("sent"))
         req["k"] += 1
         if origin.up:
             self._dispatch(req)
@@ -462,7 +464,7 @@ class Sim:
         """The request ended (served, or its server left): the origin's router forgets it."""
         peer = req.pop("peer", None)
         if peer is not None:
-            self.nodes[req["origin"]].router._release(peer)
+            self.nodes[req["origin"]].router._release(peer, req.pop("sent"))
 
     # ------------------------------------------------------------ churn
     def _churn(self) -> None:
