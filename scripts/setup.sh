@@ -17,7 +17,9 @@
 # (Tests, tools, examples and the server are already off when llama.cpp is a subproject.)
 #
 #   bash scripts/setup.sh [--cuda]     MESH_GPU=cuda is the same as --cuda: builds with
-#                                      -DGGML_CUDA=ON (needs nvcc: a CUDA toolkit)
+#                                      -DGGML_CUDA=ON (needs nvcc and cuBLAS: a CUDA
+#                                      toolkit; on a machine without a GPU, name the
+#                                      architectures in MESH_LLAMA_CMAKE_ARGS)
 #   MESH_LLAMA_CMAKE_ARGS="..."        more CMake flags (part of the cache key)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,6 +74,36 @@ if [ "$GPU" = cuda ] && ! command -v nvcc >/dev/null 2>&1; then
     say "--cuda needs a CUDA toolkit (nvcc on PATH or in /usr/local/cuda/bin); none found"
     exit 1
   fi
+fi
+if [ "$GPU" = cuda ]; then
+  # What llama.cpp's CUDA backend links, checked before a build that would fail at its
+  # end: cuBLAS (a toolkit of nvcc and the runtime only has none), and unless
+  # -DGGML_CUDA_NO_VMM=ON the driver library (libcuda; the toolkit's stubs/ will do).
+  CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")")
+  [ -d "$CUDA_HOME/lib64" ] || CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+  if [ ! -e "$CUDA_HOME/include/cublas_v2.h" ] && [ ! -e "$CUDA_HOME/targets/$(uname -m)-linux/include/cublas_v2.h" ]; then
+    say "--cuda: this CUDA toolkit ($CUDA_HOME) has no cuBLAS (include/cublas_v2.h); install its cuBLAS (e.g. the cuda-libraries-dev package)"
+    exit 1
+  fi
+  case " ${MESH_LLAMA_CMAKE_ARGS:-} " in
+    *GGML_CUDA_NO_VMM=ON*) ;;
+    *) found=""
+       for f in "$CUDA_HOME"/lib64/libcuda.so* "$CUDA_HOME"/lib64/stubs/libcuda.so* \
+                /usr/lib/"$(uname -m)"-linux-gnu/libcuda.so* /usr/lib64/libcuda.so*; do
+         [ -e "$f" ] && found=$f && break
+       done
+       if [ -z "$found" ]; then
+         say "--cuda: no libcuda (the NVIDIA driver, or $CUDA_HOME/lib64/stubs); install one, or build without it: MESH_LLAMA_CMAKE_ARGS=-DGGML_CUDA_NO_VMM=ON"
+         exit 1
+       fi ;;
+  esac
+  case " ${MESH_LLAMA_CMAKE_ARGS:-} " in
+    *CMAKE_CUDA_ARCHITECTURES=*) ;;
+    *) if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+         say "--cuda: no GPU here to build for (llama.cpp builds for the GPUs it finds); name them: MESH_LLAMA_CMAKE_ARGS=-DCMAKE_CUDA_ARCHITECTURES=90 (an H100/H200; 89 an L4/RTX 40xx, 86 an RTX 30xx, 80 an A100)"
+         exit 1
+       fi ;;
+  esac
 fi
 
 [ -x .venv/bin/python ] || { say "creating .venv"; "$PY" -m venv .venv; }
