@@ -67,6 +67,7 @@ def test_the_book_keeps_one_entry_per_conversation_and_as_many_as_slots() -> Non
 class Local:
     slots: int = 4
     in_flight: int = 0
+    background: int = 0
     held: frozenset = frozenset()
     id: str = "m"
     backend: str = "llama"
