@@ -82,9 +82,10 @@ are needed. A background job (a batch line) never takes the free slot an interac
 used last while another is free: since it never takes the last free slot either, the
 slot a batch leaves free is that one, and the next turn of the latest conversation finds
 its prompt there (else a chat sent during a batch met a slot full of batch lines and
-read its whole prompt again). `usage.prompt_tokens_details.cached_tokens` = n_keep. A request that ends
-normally or is cancelled leaves its cells in place (they are its slot's cache; in a
-split cache no other sequence could use them); a failed decode clears the sequence.
+read its whole prompt again). `usage.prompt_tokens_details.cached_tokens` = n_keep. A
+request that ends normally or is cancelled leaves its cells in place (they are its
+slot's cache; in a split cache no other sequence could use them); a failed decode
+clears the sequence.
 
 Choices (n > 1). A request with n choices is one Job per choice: the first (the parent)
 takes the best slot as above; the others take free slots at the same time (admission
