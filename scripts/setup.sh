@@ -79,8 +79,9 @@ if [ "$GPU" = cuda ]; then
   # What llama.cpp's CUDA backend links, checked before a build that would fail at its
   # end: cuBLAS (a toolkit of nvcc and the runtime only has none), and unless
   # -DGGML_CUDA_NO_VMM=ON the driver library (libcuda; the toolkit's stubs/ will do).
-  CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")")
-  [ -d "$CUDA_HOME/lib64" ] || CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+  # the toolkit nvcc belongs to (nvcc may be a link or a wrapper script): its own _HERE_
+  here=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -n1)
+  CUDA_HOME=$(dirname "${here:-$(dirname "$(readlink -f "$(command -v nvcc)")")}")
   if [ ! -e "$CUDA_HOME/include/cublas_v2.h" ] && [ ! -e "$CUDA_HOME/targets/$(uname -m)-linux/include/cublas_v2.h" ]; then
     say "--cuda: this CUDA toolkit ($CUDA_HOME) has no cuBLAS (include/cublas_v2.h); install its cuBLAS (e.g. the cuda-libraries-dev package)"
     exit 1
@@ -120,15 +121,20 @@ key_text() {
 KEY=$(key_text | sha256sum | cut -c1-16)
 DIR="$CACHE/llama_cpp_python-$LLAMA_VERSION-$GPU-$KEY"
 
-llama_ok() {
-  "$VPY" - "$LLAMA_VERSION" "$GPU" <<'PY' 2>/dev/null
+llama_ok() {   # llama_ok [why]: with "why", the reason it is not, on stdout
+  "$VPY" - "$LLAMA_VERSION" "$GPU" "${1:-}" <<'PY' 2>/dev/null
 import os, sys, importlib.metadata as md
-assert md.version("llama-cpp-python") == sys.argv[1]
-import llama_cpp
-lib = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
-assert os.path.exists(os.path.join(lib, "libggml-rpc.so.0")), "no RPC library"
-if sys.argv[2] == "cuda":
-    assert os.path.exists(os.path.join(lib, "libggml-cuda.so.0")), "no CUDA library"
+try:
+    assert md.version("llama-cpp-python") == sys.argv[1], f"not version {sys.argv[1]}"
+    import llama_cpp
+    lib = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    assert os.path.exists(os.path.join(lib, "libggml-rpc.so.0")), "built without RPC"
+    if sys.argv[2] == "cuda":
+        assert os.path.exists(os.path.join(lib, "libggml-cuda.so.0")), "built without CUDA"
+except Exception as exc:              # the reason, as one line, for the caller
+    if sys.argv[3] == "why":
+        print(str(exc).splitlines()[-1] if str(exc) else type(exc).__name__)
+    sys.exit(1)
 PY
 }
 
@@ -227,5 +233,9 @@ else
   keep_wheelhouse
 fi
 printf '%s\n' "$DEPS" > .venv/.mesh-deps
-llama_ok || { say "llama-cpp-python lost its RPC build"; exit 1; }
+if ! llama_ok; then
+  say "llama-cpp-python does not load: $(llama_ok why)"
+  [ "$GPU" = cuda ] && say "(its CUDA libraries must be on the loader path: ldconfig, or LD_LIBRARY_PATH=$CUDA_HOME/lib64)"
+  exit 1
+fi
 say "ready: .venv/bin/mesh"
