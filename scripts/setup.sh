@@ -156,7 +156,8 @@ build_wheel() {  # into $DIR, under a lock so two clones set up at once build it
   [ -n "$(cached_wheel)" ] && return 0
   tmp=$(mktemp -d)
   printf '%s\n' "$HOOK_TEXT" > "$tmp/hook.cmake"
-  say "building llama-cpp-python $LLAMA_VERSION from source ($GPU: $FLAGS; 3-6 min on 2 cores)"
+  if [ "$GPU" = cuda ]; then took="~30 min on 2 cores for one GPU architecture"; else took="3-6 min on 2 cores"; fi
+  say "building llama-cpp-python $LLAMA_VERSION from source ($GPU: $FLAGS; $took)"
   t0=$(date +%s)
   CMAKE_ARGS="$FLAGS -DCMAKE_PROJECT_llama.cpp_INCLUDE=$tmp/hook.cmake" \
   CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$VPY" -m pip wheel -q --no-deps --no-cache-dir \
