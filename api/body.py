@@ -44,8 +44,7 @@ class SseTemplate:
     stream's text chunks; anything else goes through `sse`)."""
 
     def __init__(self, obj: Any) -> None:
-        head, tail = sse(obj).split(_ENCODED_MARK)
-        self.head, self.tail = head, tail
+        self.head, self.tail = sse(obj).split(_ENCODED_MARK)
 
     def __call__(self, text: str) -> bytes:
         return self.head + _escape(text).encode() + self.tail

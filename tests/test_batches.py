@@ -46,6 +46,12 @@ def _output(client, file_id: str) -> list[dict]:
     return [json.loads(x) for x in client.files.content(file_id).text.splitlines()]
 
 
+def _chat_model(node) -> dict:
+    """SmolLM2's entry in the node's /mesh/status (slots, busy, queued)."""
+    return {m["id"]: m for n in httpx.get(node.api + "/mesh/status").json()["nodes"]
+            for m in n["models"]}[CHAT]
+
+
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     n = MeshNode(tmp_path_factory.mktemp("batch") / "home",
@@ -164,15 +170,13 @@ def _done_batch(client) -> str:
 
 
 def test_batch_lines_leave_a_slot_free_for_interactive_requests(client, node) -> None:
-    slots = {m["id"]: m for n in httpx.get(node.api + "/mesh/status").json()["nodes"]
-             for m in n["models"]}[CHAT]["slots"]
+    slots = _chat_model(node)["slots"]
     f = client.files.create(file=("s.jsonl", _lines(16, max_tokens=40)), purpose="batch")
     b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
                               completion_window="24h")
     seen, served = set(), None
     while (b := client.batches.retrieve(b.id)).status not in ("completed", "failed"):
-        m = {m["id"]: m for n in httpx.get(node.api + "/mesh/status").json()["nodes"]
-             for m in n["models"]}[CHAT]
+        m = _chat_model(node)
         if served is None:               # busy counts our own request once it is sent
             seen.add(m["busy"])
         if served is None and m["busy"] == slots - 1:   # at its width: one slot is free
@@ -214,8 +218,7 @@ def test_a_chat_sent_during_a_batch_finds_its_prompt_cached(client, node) -> Non
     """The slot a batch leaves free is the one the latest chat used (node/backends/
     batching.py, "Prompt cache"), so the next turn of that conversation, sent while batch
     lines fill every other slot, reads only its last prompt token again."""
-    slots = {m["id"]: m for n in httpx.get(node.api + "/mesh/status").json()["nodes"]
-             for m in n["models"]}[CHAT]["slots"]
+    slots = _chat_model(node)["slots"]
     turn = [{"role": "system", "content": "You are a terse assistant for a team that shares "
              "a few machines on one local network. Answer in one short sentence."},
             {"role": "user", "content": "Which machine should run the nightly job?"}]
@@ -226,8 +229,7 @@ def test_a_chat_sent_during_a_batch_finds_its_prompt_cached(client, node) -> Non
                               completion_window="24h")
     during = []
     while (b := client.batches.retrieve(b.id)).status not in ("completed", "failed"):
-        busy = {m["id"]: m for n in httpx.get(node.api + "/mesh/status").json()["nodes"]
-                for m in n["models"]}[CHAT]["busy"]
+        busy = _chat_model(node)["busy"]
         if busy == slots - 1 and len(during) < 3:          # lines in every other slot
             r = client.chat.completions.create(model=CHAT, max_tokens=4, temperature=0,
                                                messages=turn)
