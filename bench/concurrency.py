@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -53,7 +52,7 @@ import openai
 
 from gallery.store import Store
 from node.worker_main import GOMP_SPINCOUNT
-from tests.procs import REPO, MeshNode, models_dir
+from tests.procs import REPO, MeshNode, models_dir, models_with
 
 MODEL = "smollm2-135m-instruct"
 PARALLEL = 8
@@ -102,16 +101,10 @@ def serial_stream(model_path: str, threads: int) -> Stream:
 
 def mesh_models_dir(tmp: Path) -> Path:
     """A models dir holding the installed model with `parallel: auto` (the .gguf symlinked)."""
-    src = Store(models_dir()).get(MODEL)
-    if src is None:
-        sys.exit(f"{MODEL} is not installed in {models_dir()}: run the tests or `mesh install` first")
-    dst = tmp / "models" / src.id
-    dst.mkdir(parents=True)
-    for f in src.files:
-        (dst / f.path).symlink_to(src.dir / f.path)
-    shutil.copy(src.dir / "model.yaml", dst / "model.yaml")
-    Store(tmp / "models").set_overrides(MODEL, {"parallel": "auto", "context_size": CONTEXT})
-    return tmp / "models"
+    try:
+        return models_with(tmp, MODEL, {"parallel": "auto", "context_size": CONTEXT})
+    except LookupError as exc:
+        sys.exit(f"{exc}: run the tests or `mesh install` first")
 
 
 def build_llama_server() -> Path | str:

@@ -7,7 +7,7 @@ Rounds alternate direct/proxied; medians of time-to-first-token and decode token
 printed with the ratio proxied/direct. Then gossip convergence: A loads a second model
 (`mesh load`) and we time until B's /v1/models lists it (and unload -> gone).
 
-    .venv/bin/python -m bench.mesh [--rounds 5] [--tokens 128]
+    .venv/bin/python -m bench.mesh [--rounds 5] [--tokens 128] [--stream-interval-ms 0]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import httpx
 import openai
 
 from bench.local import MODEL, measure, over_http
-from tests.procs import MeshNode, run_cli
+from tests.procs import MeshNode, models_with, run_cli
 
 
 def until(pred, timeout=30.0) -> float:
@@ -38,10 +38,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--stream-interval-ms", type=float, default=None,
+                    help="A's stream_interval_ms (default: the model's own, 20)")
     args = ap.parse_args()
     token = run_cli("token").stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
-        a = MeshNode(Path(tmp) / "a", ["--name", "a", "--model", MODEL, "--no-mdns"],
+        extra = ([] if args.stream_interval_ms is None else ["--models-dir", str(models_with(
+            Path(tmp), MODEL, {"stream_interval_ms": args.stream_interval_ms}))])
+        a = MeshNode(Path(tmp) / "a", ["--name", "a", "--model", MODEL, "--no-mdns", *extra],
                      env={"MESH_TOKEN": token}).start()
         addr = a.wait_for(r"mesh: p2p (/ip4/127\.0\.0\.1/\S+)").group(1)
         a.wait_ready()
@@ -75,7 +79,8 @@ def main() -> None:
             a.stop()
     med = {k: (statistics.median(r[0] for r in v) * 1000, statistics.median(r[1] for r in v))
            for k, v in res.items()}
-    print(f"model {MODEL}, {args.rounds} rounds of {args.tokens} tokens, streaming")
+    print(f"model {MODEL}, {args.rounds} rounds of {args.tokens} tokens, streaming, "
+          f"stream_interval_ms {'default' if args.stream_interval_ms is None else args.stream_interval_ms}")
     print(f"{'path':<10}{'TTFT ms':>10}{'decode tok/s':>15}")
     for k, (ttft, dec) in med.items():
         print(f"{k:<10}{ttft:>10.1f}{dec:>15.1f}")

@@ -120,6 +120,8 @@ class ModelConfig(_Strict):
     gpu_layers: int | None = None            # llama: -1 = all layers on the GPU
     compute_type: str | None = None          # whisper: CTranslate2 compute type (int8, ...)
     repack: bool | None = None               # llama: CPU weight repacking (node/rpc.py; MESH_REPACK)
+    # llama: ms between two text events of a stream (node/backends/batching.py "Pacing")
+    stream_interval_ms: float | None = Field(None, ge=0, le=1000)
 
 
 class GalleryEntry(_Strict):

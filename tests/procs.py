@@ -29,6 +29,25 @@ def models_dir() -> Path:
     return d
 
 
+def models_with(tmp: Path, model_id: str, overrides: dict) -> Path:
+    """A models dir of our own under `tmp` holding the installed `model_id` (its files
+    symlinked) with `overrides` in its model.yaml config; the model must be installed in
+    models_dir() (any node that serves it installs it)."""
+    import shutil
+
+    from gallery.store import Store
+    src = Store(models_dir()).get(model_id)
+    if src is None:
+        raise LookupError(f"{model_id} is not installed in {models_dir()}")
+    dst = tmp / "models" / src.id
+    dst.mkdir(parents=True)
+    for f in src.files:
+        (dst / f.path).symlink_to(src.dir / f.path)
+    shutil.copy(src.dir / "model.yaml", dst / "model.yaml")
+    Store(tmp / "models").set_overrides(model_id, overrides)
+    return tmp / "models"
+
+
 @dataclass
 class MeshNode:
     home: Path

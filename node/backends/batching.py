@@ -87,6 +87,20 @@ request that ends normally or is cancelled leaves its cells in place (they are i
 slot's cache; in a split cache no other sequence could use them); a failed decode
 clears the sequence.
 
+Pacing. A stream's text goes out at most every `stream_interval_ms` (model config, 20 ms
+by default; 0 sends every token as it comes), as vLLM's and SGLang's `stream_interval` do
+by token count: each event sent costs a frame here, a wake-up and an SSE write in the
+node, a proxy frame and a wake-up of the client, all on the cores that decode. The first
+Delta always goes at once (time to first token is untouched); a later one that comes
+within the interval of the last one sent is held and joined to the next (mesh/wire/
+inference.py merged: text and logprobs, never tool calls), and any other event (Done,
+Failed, a Delta that cannot be joined) sends what is held first. No timer: held text
+goes with the job's first token after its interval is over, so it waits at most the
+interval plus one step; a step that reads a prompt may take far longer than a token's
+step, so before one everything held goes, and so does the text of a job that sits a step
+out once its interval is over. A non-streaming request is not paced (the worker joins
+its Deltas anyway).
+
 Choices (n > 1). A request with n choices is one Job per choice: the first (the parent)
 takes the best slot as above; the others take free slots at the same time (admission
 waits until n slots are free, first come first served) and feed nothing. On the step
@@ -123,7 +137,7 @@ from typing import Any, Callable
 import llama_cpp
 import numpy as np
 
-from mesh.wire.inference import Delta, Done, Failed, TokenLogprob, TopLogprob, Usage
+from mesh.wire.inference import Delta, Done, Failed, TokenLogprob, TopLogprob, Usage, merged
 from node.backends import tools
 
 log = logging.getLogger("node.backends.batching")
@@ -266,6 +280,9 @@ class Job:
     children: list["Job"] = field(default_factory=list)   # choices 1..n-1 (n > 1)
     background: bool = False       # a batch line: after interactive jobs, never the last slot
     max_wait: float | None = None  # s it may wait queued (Generate.max_wait)
+    interval: float = 0.0          # s between two Deltas sent (design note "Pacing"); 0: each
+    paced: Delta | None = None     # text held until the interval is up
+    t_sent: float | None = None    # when its last Delta went out
 
     @property
     def argmax(self) -> bool:
@@ -425,6 +442,9 @@ class BatchScheduler:
         rows = self._fill()
         if not rows and self.batch.n_tokens == 0:
             return
+        pure_decode = all(len(toks) == 1 and not slot.job.prefilling
+                          for slot, toks in self._fed)
+        self._flush_paced(not pure_decode)
         with self._cv:
             self._abort[0] = 0
             self._background_step = (all(s.job.background for s, _ in self._fed)
@@ -441,8 +461,6 @@ class BatchScheduler:
             self._decode_failed(rc)
             return
         self._advance()
-        pure_decode = all(len(toks) == 1 and not slot.job.prefilling
-                          for slot, toks in self._fed)
         for slot, row in rows:
             job = slot.job
             if job.children and job.prefilling:
@@ -742,14 +760,53 @@ class BatchScheduler:
                 self._fail(slot, f"llama_decode failed ({rc})")
 
     def _send(self, job: Job, event: Delta | Done | Failed) -> bool:
-        """Emit an event; False when the other side is gone (the request is dropped)."""
+        """Emit an event (paced: a Delta may be held, design note "Pacing"); False when the
+        other side is gone (the request is dropped)."""
         try:
+            if job.interval:
+                event = self._pace(job, event)
+                if event is None:
+                    return True
             job.emit(event)
             return True
         except Exception as exc:  # OSError when the parent went away, or a frame error
             log.warning("dropping a request: cannot send its frame (%s)", exc)
             job.cancel.set()
             return False
+
+    def _pace(self, job: Job, ev: Delta | Done | Failed) -> Delta | Done | Failed | None:
+        """The event to send now, None when it is held: a Delta within `interval` of the
+        last one sent joins the held text; anything else first sends what is held."""
+        held, job.paced = job.paced, None
+        if held is not None:
+            both = merged(held, ev)
+            if both is None:
+                job.emit(held)
+                job.t_sent = time.perf_counter()
+            else:
+                ev = both
+        if type(ev) is not Delta:
+            return ev
+        now = time.perf_counter()
+        if job.t_sent is None or now - job.t_sent >= job.interval:
+            job.t_sent = now
+            return ev
+        job.paced = ev
+        return None
+
+    def _flush_paced(self, everything: bool) -> None:
+        """Before a step: send the text held for every job whose interval is over (a job
+        that sat out the last step), or for all (`everything`: the step reads a prompt,
+        which may take far longer than a token's step)."""
+        now = time.perf_counter()
+        for s in self.slots:
+            job = s.job
+            if job is None or job.paced is None:
+                continue
+            if everything or now >= job.t_sent + job.interval:
+                ev, job.paced, job.t_sent = job.paced, None, None    # None: sent at once
+                if not self._send(job, ev):
+                    self._finish(s, "cancelled", quiet=True)
 
     def _candidates(self, row: int) -> Any:
         """The row's logits as a llama_token_data_array (reused buffer, no sort)."""

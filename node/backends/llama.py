@@ -52,6 +52,7 @@ Emit = Callable[[Any], None]
 
 DEFAULT_CONTEXT = 2048     # per slot (node/placement.py DEFAULT_CONTEXT)
 GRAMMAR_CACHE = 64         # parsed grammars kept (one per distinct schema)
+STREAM_INTERVAL_MS = 20    # default stream_interval_ms (batching.py design note "Pacing")
 
 
 class LlamaBackend:
@@ -64,6 +65,9 @@ class LlamaBackend:
         # default: the CPUs this process may run on (taskset, cgroup cpusets), not all
         self.threads = int(config.get("threads") or len(os.sched_getaffinity(0)))
         self.defaults: dict[str, Any] = dict(config.get("sampling") or {})
+        # s between two text events of a stream (batching.py design note "Pacing")
+        interval = config.get("stream_interval_ms")
+        self.stream_interval = (STREAM_INTERVAL_MS if interval is None else float(interval)) / 1000
         set_verbose(False)            # llama.cpp's log callback: errors only
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
@@ -153,7 +157,8 @@ class LlamaBackend:
                        cancel=cancel, grammar=self._grammar(req), n_logprobs=req.logprobs,
                        tool_mode=tools.forced(req),
                        watch=tools.Watch() if tools.auto(req) else None, tools=req.tools,
-                       background=req.background, max_wait=req.max_wait)
+                       background=req.background, max_wait=req.max_wait,
+                       interval=self.stream_interval if req.stream else 0.0)
 
         job = choice(0)
         job.children = [choice(i) for i in range(1, req.n)]
