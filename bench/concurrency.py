@@ -29,7 +29,7 @@ node/worker_main.py), which llama-server and the in-process Llama inherit.
 Targets: at 8 clients (a) >= (c) and (a) >= 1.6 x (b).
 
     .venv/bin/python -m bench.concurrency [--rounds 2] [--tokens 64] [--clients 1,4,8]
-                                          [--repeat 2]
+                                          [--repeat 2] [--stream-interval-ms 0]
 """
 
 from __future__ import annotations
@@ -99,10 +99,12 @@ def serial_stream(model_path: str, threads: int) -> Stream:
     return stream
 
 
-def mesh_models_dir(tmp: Path) -> Path:
-    """A models dir holding the installed model with `parallel: auto` (the .gguf symlinked)."""
+def mesh_models_dir(tmp: Path, stream_interval_ms: float | None = None) -> Path:
+    """A models dir holding the installed model with `parallel: auto` (the .gguf symlinked)
+    and, when given, `stream_interval_ms`."""
+    extra = {} if stream_interval_ms is None else {"stream_interval_ms": stream_interval_ms}
     try:
-        return models_with(tmp, MODEL, {"parallel": "auto", "context_size": CONTEXT})
+        return models_with(tmp, MODEL, {"parallel": "auto", "context_size": CONTEXT, **extra})
     except LookupError as exc:
         sys.exit(f"{exc}: run the tests or `mesh install` first")
 
@@ -220,6 +222,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="max_tokens per request")
     ap.add_argument("--clients", default="1,4,8")
     ap.add_argument("--repeat", type=int, default=2, help="trials per server and level")
+    ap.add_argument("--stream-interval-ms", type=float, default=None,
+                    help="(a)'s stream_interval_ms (default: the model's own, 20)")
     args = ap.parse_args()
     if "OMP_WAIT_POLICY" not in os.environ:   # before llama_cpp loads libgomp here
         os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
@@ -237,7 +241,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         try:
-            mdir = mesh_models_dir(tmp)
+            mdir = mesh_models_dir(tmp, args.stream_interval_ms)
             os.environ["MESH_TEST_MODELS_DIR"] = str(mdir)
             node = MeshNode(tmp / "home", ["--model", MODEL, "--no-mdns"]).start().wait_ready()
             cleanup.append(node.stop)
@@ -282,7 +286,9 @@ def main() -> None:
     print(f"\nmodel {MODEL} Q4_1, {threads} threads, (a) parallel auto = {mesh_slots} slots, "
           f"(c) --parallel {PARALLEL}, "
           f"{args.rounds} requests per client, max_tokens {args.tokens}, greedy, best of "
-          f"{args.repeat} trials; load average {load0:.1f} -> {load1:.1f}")
+          f"{args.repeat} trials; (a) stream_interval_ms "
+          f"{'default' if args.stream_interval_ms is None else args.stream_interval_ms}; "
+          f"load average {load0:.1f} -> {load1:.1f}")
     print(f"{'server':<14}{'clients':>8}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT p95 ms':>13}")
     for (name, c), r in sorted(res.items(), key=lambda kv: (list(servers).index(kv[0][0]), kv[0][1])):
         print(f"{name:<14}{c:>8}{r['tok_s']:>9.1f}{r['p50']:>13.0f}{r['p95']:>13.0f}")
