@@ -2,12 +2,15 @@
 
 One run, two real nodes on 127.0.0.1 with one token: A serves SmolLM2, B serves nothing.
   direct   = streaming chat to A
-  proxied  = the same request to B, which relays it to A over /mesh/openai/2 (typed request and events)
+  proxied  = the same request to B, which relays it to A over /mesh/openai/2 (typed request and
+             events; the events on A's bulk side channel, or on the libp2p stream with
+             --no-side-channel)
 Rounds alternate direct/proxied; medians of time-to-first-token and decode tokens/s are
 printed with the ratio proxied/direct. Then gossip convergence: A loads a second model
 (`mesh load`) and we time until B's /v1/models lists it (and unload -> gone).
 
     .venv/bin/python -m bench.mesh [--rounds 5] [--tokens 128] [--stream-interval-ms 0]
+                                   [--no-side-channel]
 """
 
 from __future__ import annotations
@@ -40,13 +43,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--stream-interval-ms", type=float, default=None,
                     help="A's stream_interval_ms (default: the model's own, 20)")
+    ap.add_argument("--no-side-channel", action="store_true",
+                    help="A with MESH_BULK_PORT=-1: proxied events stay on the libp2p stream")
     args = ap.parse_args()
     token = run_cli("token").stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
         extra = ([] if args.stream_interval_ms is None else ["--models-dir", str(models_with(
             Path(tmp), MODEL, {"stream_interval_ms": args.stream_interval_ms}))])
         a = MeshNode(Path(tmp) / "a", ["--name", "a", "--model", MODEL, "--no-mdns", *extra],
-                     env={"MESH_TOKEN": token}).start()
+                     env={"MESH_TOKEN": token,
+                          **({"MESH_BULK_PORT": "-1"} if args.no_side_channel else {})}).start()
         addr = a.wait_for(r"mesh: p2p (/ip4/127\.0\.0\.1/\S+)").group(1)
         a.wait_ready()
         b = MeshNode(Path(tmp) / "b", ["--name", "b", "--no-models", "--no-mdns", "--peer", addr],
@@ -80,7 +86,8 @@ def main() -> None:
     med = {k: (statistics.median(r[0] for r in v) * 1000, statistics.median(r[1] for r in v))
            for k, v in res.items()}
     print(f"model {MODEL}, {args.rounds} rounds of {args.tokens} tokens, streaming, "
-          f"stream_interval_ms {'default' if args.stream_interval_ms is None else args.stream_interval_ms}")
+          f"stream_interval_ms {'default' if args.stream_interval_ms is None else args.stream_interval_ms}, "
+          f"proxied events on {'the libp2p stream' if args.no_side_channel else 'the side channel'}")
     print(f"{'path':<10}{'TTFT ms':>10}{'decode tok/s':>15}")
     for k, (ttft, dec) in med.items():
         print(f"{k:<10}{ttft:>10.1f}{dec:>15.1f}")

@@ -165,13 +165,13 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
             router.peers = MeshPeers(p2p.view)
             router.transport = metrics.transport(ProxyClient(p2p))
             metrics.view = p2p.view
-            p2p.set_handler(PROXY_PROTOCOL, metrics.inbound(make_proxy_handler(
-                router, authorize=_authorizer(svc.keyring), max_deadline=config.request_timeout,
-                in_flight=svc.in_flight)))
-            bulk_server = None             # mesh/bulk.py: files and RPC bytes off libp2p
+            bulk_server = None             # mesh/bulk.py: proxied events, files, RPC off libp2p
             if config.bulk_port >= 0:
                 bulk_server = await nursery.start(BulkServer(
                     host=config.host, port=config.bulk_port, peer_id=p2p.peer_id).serve)
+            p2p.set_handler(PROXY_PROTOCOL, metrics.inbound(make_proxy_handler(
+                router, authorize=_authorizer(svc.keyring), max_deadline=config.request_timeout,
+                in_flight=svc.in_flight, bulk_server=bulk_server)))
             if config.offer_memory > 0:
                 svc.rpc = RpcServer(home=config.home, offered=config.offer_memory,
                                     threads=config.rpc_threads, on_change=svc.notify_changed)
