@@ -279,7 +279,7 @@ async def _serve(stream, router, authorize: Authorize, head: dict[str, Any],
         nonlocal out
         with contextlib.suppress(MeshError, OSError, FrameError, ValueError):
             if offer is not None:
-                reader = FrameReader(stream)
+                reader, via = FrameReader(stream), None
                 with trio.move_on_after(VIA_TIMEOUT):
                     via = await reader.read()
                 if isinstance(via, dict) and via.get("via") == "bulk":
