@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,8 +34,6 @@ def models_with(tmp: Path, model_id: str, overrides: dict) -> Path:
     """A models dir of our own under `tmp` holding the installed `model_id` (its files
     symlinked) with `overrides` in its model.yaml config; the model must be installed in
     models_dir() (any node that serves it installs it)."""
-    import shutil
-
     from gallery.store import Store
     src = Store(models_dir()).get(model_id)
     if src is None:
@@ -46,6 +45,16 @@ def models_with(tmp: Path, model_id: str, overrides: dict) -> Path:
     shutil.copy(src.dir / "model.yaml", dst / "model.yaml")
     Store(tmp / "models").set_overrides(model_id, overrides)
     return tmp / "models"
+
+
+def until(pred, what: str, timeout: float = 30.0, interval: float = 0.1):
+    """pred() until it is truthy (its value), for state only polling can read (another
+    process's log file, its HTTP view); AssertionError naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not (value := pred()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+    return value
 
 
 @dataclass

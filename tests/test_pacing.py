@@ -95,7 +95,7 @@ def test_held_text_goes_out_before_a_step_that_reads_a_prompt(nodes):
     c = client(nodes[1000])
     arrivals: list[float] = []
     started, stop = threading.Event(), threading.Event()
-    errors: list[BaseException] = []
+    errors: list[Exception] = []
 
     def run():
         try:
@@ -108,7 +108,7 @@ def test_held_text_goes_out_before_a_step_that_reads_a_prompt(nodes):
                         started.set()
                     if stop.is_set():
                         break
-        except BaseException as exc:   # re-raised by the test below
+        except Exception as exc:       # re-raised by the test below
             errors.append(exc)
         finally:
             started.set()
