@@ -42,6 +42,16 @@ case "$GPU" in
   cuda) FLAGS="$FLAGS -DGGML_CUDA=ON" ;;
   *) printf 'setup: MESH_GPU=%s: expected cpu or cuda\n' "$GPU" >&2; exit 2 ;;
 esac
+# AMX: llama.cpp's AMX kernels (ggml-cpu/amx, picked by -march=native on Sapphire Rapids
+# and later) crash on some of these CPUs: on a 2-core Xeon VM here every prompt of more
+# than one token died with a general protection fault in libggml-cpu (ggml-org/llama.cpp
+# #20824; Ollama's and DSPy's CI hit the same). GCC's explicit -mno-amx-* win over
+# -march=native, so the rest of the CPU's ISA (AVX-512, VNNI) stays; the AVX-512
+# repacked kernels still apply.
+if grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then
+  NOAMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  FLAGS="$FLAGS '-DCMAKE_C_FLAGS=$NOAMX' '-DCMAKE_CXX_FLAGS=$NOAMX'"
+fi
 FLAGS="$FLAGS ${MESH_LLAMA_CMAKE_ARGS:-}"
 
 say() { printf 'setup: %s\n' "$*" >&2; }
@@ -171,7 +181,7 @@ build_wheel() {  # into $DIR, under a lock so two clones set up at once build it
   say "built in $(( $(date +%s) - t0 )) s; cached in $DIR"
 }
 
-if ! llama_ok; then
+if ! llama_ok || [ "$(cat .venv/.mesh-llama-key 2>/dev/null)" != "$KEY" ]; then
   whl=$(cached_wheel)
   if [ -n "$whl" ] && ! wheel_ok "$whl"; then say "discarding $whl: built without RPC"; rm -f "$whl"; whl=""; fi
   if [ -z "$whl" ]; then
@@ -181,6 +191,7 @@ if ! llama_ok; then
     say "llama-cpp-python $LLAMA_VERSION from the wheel cache ($DIR)"
   fi
   "$VPY" -m pip install -q --no-deps --force-reinstall "$whl"   # its deps come with the project's
+  printf '%s\n' "$KEY" > .venv/.mesh-llama-key   # which build this is (flags, CPU, compiler)
   rm -f .venv/.mesh-deps
 fi
 
