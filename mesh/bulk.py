@@ -166,13 +166,16 @@ class Opener:
 
 # ------------------------------------------------------------------ blocking adapter
 class SyncChannel:
-    """Records over a blocking socket (worker threads). Every wait is bounded by `timeout`."""
+    """Records over a blocking socket (worker threads). Every wait is bounded by `timeout`
+    (or by the caller's `shutdown`)."""
 
-    def __init__(self, sock: socket.socket, keys: Keys, *, timeout: float) -> None:
+    def __init__(self, sock: socket.socket, keys: Keys | None, *, timeout: float | None,
+                 codec: tuple[Sealer, Opener] | None = None) -> None:
+        """`timeout` None: waits are not bounded (the caller aborts with `shutdown`);
+        `codec`: carry on another adapter's records (TrioChannel.to_sync)."""
         self.sock = sock
         sock.settimeout(timeout)
-        self._sealer = Sealer(keys.send)
-        self._opener = Opener(keys.recv)
+        self._sealer, self._opener = codec or (Sealer(keys.send), Opener(keys.recv))
         self._out = bytearray(4 + RECORD + TAG)
         self._hdr = bytearray(4)
         self._ct = bytearray(MAX_RECORD)
@@ -195,6 +198,13 @@ class SyncChannel:
         ct = memoryview(self._ct)[:n]
         self._fill(ct, eof_ok=False)
         return self._opener.open_into(self._hdr, ct, out)
+
+    def send_eof(self) -> None:
+        """Half-close: the far side reads a clean EOF after the records sent so far."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
     def recv(self) -> bytes:
         buf = bytearray(RECORD)
@@ -228,10 +238,12 @@ def _reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
-async def run_blocking(fn: Callable[..., Any], *args: Any, abort: Callable[[], None]) -> Any:
+async def run_blocking(fn: Callable[..., Any], *args: Any, abort: Callable[[], None],
+                       own_thread: bool = False) -> Any:
     """`fn(*args)` in a worker thread; if we are cancelled meanwhile, `abort()` is called
     (e.g. `shutdown` of the socket the thread blocks on), so the thread ends at once and
-    never holds up the caller's nursery."""
+    never holds up the caller's nursery. `own_thread`: outside trio's shared thread limit
+    (a thread that lives as long as a connection must not starve short jobs)."""
     finished = False
 
     async def abort_on_cancel() -> None:
@@ -244,7 +256,8 @@ async def run_blocking(fn: Callable[..., Any], *args: Any, abort: Callable[[], N
     async with trio.open_nursery() as nursery:
         nursery.start_soon(abort_on_cancel)
         # the thread's outcome, unwrapped outside the nursery (no exception group)
-        result = await trio.to_thread.run_sync(outcome.capture, fn, *args)
+        result = await trio.to_thread.run_sync(
+            outcome.capture, fn, *args, limiter=trio.CapacityLimiter(1) if own_thread else None)
         finished = True
         nursery.cancel_scope.cancel()
     return result.unwrap()
@@ -312,6 +325,14 @@ class TrioChannel:
                 raise ChannelBroken("side channel closed mid-record")
             self._buf += data
         return True
+
+    def to_sync(self) -> SyncChannel:
+        """The same channel (keys, record counters) as a blocking SyncChannel with no
+        timeout; this one is spent."""
+        if self._buf:
+            raise ChannelBroken("side channel: records came before the hand-over")
+        return SyncChannel(to_blocking(self.stream), None, timeout=None,
+                           codec=(self._sealer, self._opener))
 
     async def send_eof(self) -> None:
         try:

@@ -53,6 +53,16 @@ Design notes
   `rpc.used_by`); the holder keeps it for HOLD_AFTER seconds after its last stream, since
   llama.cpp opens a few short connections in a row while it loads. A stream from another
   peer waits up to BUSY_WAIT for it and is then refused.
+- Relay threads (`_Ends`, `_relay`): once a connection is set up, its bytes move in two
+  threads with blocking sockets (one per direction), not in trio tasks. Traced per
+  message on this 2-core machine, a hop through a trio task (its wake-up from epoll, the
+  checkpoints in send_all and receive_some, the node's other tasks ahead of it in the run
+  queue) took 100-150 us; a thread blocked in recv wakes straight from the kernel:
+  55-110 us, about half the ~1.8 ms the relays added per token with 2 lenders. Over the
+  libp2p stream a task carries a socketpair's bytes to and from the stream (`join`), so
+  the threads always see sockets. An abort is a `shutdown`; on the loading node it shuts
+  llama.cpp's socket for reading only (which sends nothing), and the socket is closed
+  after `on_broken`, keeping the order above.
 - `probe` measures the link to a lender (side-channel round trip and throughput) for
   placement (node/placement.py); it needs no RPC server.
 Left out on purpose: carrying a tensor between two lenders directly (llama.cpp's client
@@ -65,6 +75,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import select
 import socket
 import struct
 import time
@@ -164,7 +175,7 @@ def _nodelay(tcp: trio.SocketStream) -> None:
         pass
 
 
-def _read_ready(fd: int, data: bytes) -> tuple[bytes, bool]:
+def _read_ready(sock: socket.socket, data: bytes) -> tuple[bytes, bool]:
     """`data` plus whatever else the socket already holds, without waiting; (bytes, eof).
 
     llama.cpp sends a message in several send() calls (command byte, size, payload; a
@@ -174,7 +185,7 @@ def _read_ready(fd: int, data: bytes) -> tuple[bytes, bool]:
     size = len(data)
     while size < BUFFER:
         try:
-            more = os.read(fd, BUFFER - size)
+            more = sock.recv(BUFFER - size, socket.MSG_DONTWAIT)
         except BlockingIOError:
             break
         except OSError as exc:
@@ -510,66 +521,233 @@ def _decode(record: bytes) -> list[tuple[int, memoryview]]:
 
 
 # ------------------------------------------------------------------ channels
-class _Messages:
-    """Tunnel messages (4-byte length + body) over a byte pipe: the side channel, whose
-    records may cut a message anywhere, or the libp2p stream itself."""
+class _Frames:
+    """Tunnel messages (4-byte length + body) cut out of a byte pipe's chunks, which may
+    cut a message anywhere (no I/O)."""
 
-    def __init__(self, write, read, eof, close, via: str, overhead: Callable[[int], int]) -> None:
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def push(self, data) -> None:
+        self._buf += data
+
+    def pop(self) -> bytes | None:
+        """The next whole message, or None until more bytes come."""
+        if len(self._buf) < 4:
+            return None
+        (n,) = _U32.unpack_from(self._buf, 0)
+        if n > FILL_MAX + (1 << 20):
+            raise bulk.ChannelBroken(f"tunnel message of {n} bytes")
+        if len(self._buf) < 4 + n:
+            return None
+        body = bytes(self._buf[4:4 + n])
+        del self._buf[:4 + n]
+        return body
+
+    @property
+    def partial(self) -> bool:
+        return bool(self._buf)
+
+
+def _channel_overhead(n: int) -> int:
+    return max(1, -(-n // bulk.RECORD)) * (4 + bulk.TAG)
+
+
+class _Messages:
+    """Tunnel messages over a byte pipe while a connection is set up, and for probes: the
+    side channel (`channel`, records) or the libp2p stream itself (`stream`). The relay
+    threads take the connection over from it (`_Ends`)."""
+
+    def __init__(self, write, read, eof, close, via: str, overhead: Callable[[int], int],
+                 *, channel: bulk.TrioChannel | None = None, stream=None) -> None:
         self._write, self._read, self._eof, self._close = write, read, eof, close
         self.via = via
-        self._overhead = overhead
-        self._buf = bytearray()
+        self.overhead = overhead
+        self.channel, self.stream = channel, stream
+        self._frames = _Frames()
 
     @classmethod
     def over_stream(cls, stream) -> "_Messages":
         async def nothing() -> None:
             pass
         return cls(stream.write, stream.read, stream.close, nothing, "libp2p stream",
-                   lambda n: 0)
+                   lambda n: 0, stream=stream)
 
     @classmethod
     def over_channel(cls, chan: bulk.TrioChannel) -> "_Messages":
         async def read(_n: int) -> bytes:
             return await chan.recv()
         return cls(chan.send, read, chan.send_eof, chan.aclose, "side channel",
-                   lambda n: max(1, -(-n // bulk.RECORD)) * (4 + bulk.TAG))
+                   _channel_overhead, channel=chan)
 
     async def send(self, data: bytes) -> int:
         """Send one message; the bytes that cross the link for it."""
         await self._write(_U32.pack(len(data)) + data)
-        return self.cost(len(data))
-
-    def cost(self, n: int) -> int:
-        """Bytes on the link for a message of n bytes (framing and record overhead)."""
-        return 4 + n + self._overhead(4 + n)
+        return _cost(len(data), self.overhead)
 
     async def recv(self) -> bytes:
         """One message; b"" at a clean EOF between messages."""
-        if not await self._fill(4, eof_ok=True):
-            return b""
-        (n,) = _U32.unpack(self._buf[:4])
-        if n > FILL_MAX + (1 << 20):
-            raise bulk.ChannelBroken(f"tunnel message of {n} bytes")
-        await self._fill(4 + n, eof_ok=False)
-        body = bytes(self._buf[4:4 + n])
-        del self._buf[:4 + n]
-        return body
-
-    async def _fill(self, size: int, *, eof_ok: bool) -> bool:
-        while len(self._buf) < size:
-            data = await self._read(max(1 << 16, size - len(self._buf)))
+        while (msg := self._frames.pop()) is None:
+            data = await self._read(1 << 16)
             if not data:
-                if not self._buf and eof_ok:
-                    return False
-                raise bulk.ChannelBroken("the tunnel closed mid-message")
-            self._buf += data
-        return True
-
-    async def send_eof(self) -> None:
-        await self._eof()
+                if self._frames.partial:
+                    raise bulk.ChannelBroken("the tunnel closed mid-message")
+                return b""
+            self._frames.push(data)
+        return msg
 
     async def aclose(self) -> None:
         await self._close()
+
+
+def _cost(n: int, overhead: Callable[[int], int]) -> int:
+    """Bytes on the link for a message of n bytes (framing and record overhead)."""
+    return 4 + n + overhead(4 + n)
+
+
+class _Pipe:
+    """The relay threads' message pipe to the far side: blocking, over the side channel's
+    records (bulk.SyncChannel) or over a socketpair end that `_Ends.join` carries to the
+    libp2p stream."""
+
+    def __init__(self, sock: socket.socket, chan: bulk.SyncChannel | None,
+                 overhead: Callable[[int], int]) -> None:
+        self.sock, self._chan, self._overhead = sock, chan, overhead
+        self._frames = _Frames()
+        self._buf = bytearray(bulk.RECORD)
+
+    def send(self, data: bytes) -> int:
+        framed = _U32.pack(len(data)) + data
+        if self._chan is not None:
+            self._chan.send(framed)
+        else:
+            try:
+                self.sock.sendall(framed)
+            except OSError as exc:
+                raise bulk.ChannelBroken(f"the libp2p stream's pipe: {exc}") from exc
+        return _cost(len(data), self._overhead)
+
+    def cost(self, n: int) -> int:
+        return _cost(n, self._overhead)
+
+    def recv(self) -> bytes:
+        """One message; b"" at a clean EOF between messages."""
+        view = memoryview(self._buf)
+        while (msg := self._frames.pop()) is None:
+            if self._chan is not None:
+                n = self._chan.recv_into(view)
+            else:
+                try:
+                    n = self.sock.recv_into(view)
+                except OSError as exc:
+                    raise bulk.ChannelBroken(f"the libp2p stream's pipe: {exc}") from exc
+            if not n:
+                if self._frames.partial:
+                    raise bulk.ChannelBroken("the tunnel closed mid-message")
+                return b""
+            self._frames.push(view[:n])
+        return msg
+
+    def send_eof(self) -> None:
+        _shut(self.sock, socket.SHUT_WR)
+
+
+def _shut(sock: socket.socket, how: int) -> None:
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass
+
+
+class _Ends:
+    """One tunnel connection as its two relay threads see it (see "Relay threads" in the
+    module note): `local`, the socket to llama.cpp (or to the RPC server), and `pipe`, both
+    blocking; the trio streams they came from are spent. `abort()` unblocks both threads;
+    `close()`, once they have ended, is what the local side sees. With `quiet_local` (the
+    loading node) an abort leaves llama.cpp's socket open until then, so the node can
+    fail the model's requests with the reason first."""
+
+    def __init__(self, tcp: trio.SocketStream, chan: _Messages, *, quiet_local: bool) -> None:
+        self.aborted = False
+        self._local_abort = socket.SHUT_RD if quiet_local else socket.SHUT_RDWR
+        self.client_done = False        # the near side (llama.cpp, or the origin) sent EOF
+        self._stream = chan.stream
+        self._joined: trio.SocketStream | None = None
+        if chan.channel is not None:
+            sync = chan.channel.to_sync()
+            self.pipe = _Pipe(sync.sock, sync, chan.overhead)
+        else:
+            ours, theirs = socket.socketpair()
+            self._joined = bulk.to_trio(theirs)
+            self.pipe = _Pipe(ours, None, chan.overhead)
+        self.local = bulk.to_blocking(tcp)
+        self._writable = select.poll()
+        self._writable.register(self.local, select.POLLOUT)
+
+    def client_left(self) -> None:
+        self.client_done = True
+
+    def quiet(self, fn: Callable[["_Ends"], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn(self)
+            except (OSError, _Broken, bulk.ChannelBroken):
+                if not self.aborted:
+                    raise
+        return run
+
+    def abort(self) -> None:
+        self.aborted = True            # first: a thread woken by the shutdown sees it
+        _shut(self.pipe.sock, socket.SHUT_RDWR)
+        _shut(self.local, self._local_abort)     # SHUT_RD: wakes a read, sends nothing
+
+    def send_local(self, data) -> None:
+        """sendall to the local socket that an abort also ends (SHUT_RD does not wake a
+        blocked send: this one waits in short polls)."""
+        view = memoryview(data)
+        while view:
+            try:
+                n = self.local.send(view, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if self.aborted:
+                    raise _Broken("aborted") from None
+                self._writable.poll(200)
+                continue
+            except OSError as exc:
+                raise _Broken(f"local socket: {exc}") from exc
+            view = view[n:]
+
+    def close(self) -> None:
+        self.local.close()
+        self.pipe.sock.close()
+
+    async def join(self) -> None:
+        """Over the libp2p stream: carry the pipe's bytes to and from it until EOF both
+        ways (a task beside the threads). A stream that breaks raises PeerError. Over the
+        side channel there is nothing to do."""
+        end, stream = self._joined, self._stream
+        if end is None:
+            return
+
+        async def out() -> None:
+            try:
+                while data := await end.receive_some(1 << 16):
+                    await stream.write(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return                   # the threads' end was aborted
+            await stream.close()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(out)
+                try:
+                    while data := await stream.read(1 << 16):
+                        await end.send_all(data)
+                    await end.send_eof()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        finally:
+            await end.aclose()
 
 
 async def _open_client(p2p, peer_id: str, request: dict, *, side_channel: bool):
@@ -598,22 +776,30 @@ async def _open_client(p2p, peer_id: str, request: dict, *, side_channel: bool):
         raise
 
 
-# ------------------------------------------------------------------ loading node
-async def _requests_to_channel(tcp: trio.SocketStream, chan, stats: TunnelStats,
-                               model: ModelFile | None, mm, on_eof: Callable[[], None]) -> None:
-    """Local socket -> channel, in whole RPC messages, SET_TENSORs as FILLs where they can."""
-    fd = tcp.socket.fileno()
+# ------------------------------------------------------------------ relay threads
+def _readable(sock: socket.socket) -> Callable[[float], bool]:
+    """`wait(seconds)`: whether `sock` has bytes (or EOF) within that time."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return lambda seconds: bool(poller.poll(seconds * 1000))
+
+
+def _requests_out(stats: TunnelStats, model: ModelFile | None, mm, ends: _Ends) -> None:
+    """llama.cpp's socket -> pipe, in whole RPC messages, SET_TENSORs as FILLs where they
+    can (the loading node's first thread)."""
+    local, pipe = ends.local, ends.pipe
     batch = Requests(collect=model is not None)
     codec = Compressor()
+    readable = _readable(local)
 
-    async def send(items: list[tuple[int, bytes]]) -> None:
+    def send(items: list[tuple[int, bytes]]) -> None:
         if not items:
             return
         out: list[tuple[int, bytes]] = []
         seen: list[bytes] = []
         for t, body in items:
             if t == Requests.SET and _tensor_name(body) in model.tensors:  # a weight
-                fill = await trio.to_thread.run_sync(match_fill, body, model, mm)
+                fill = match_fill(body, model, mm)
                 if fill is not None:
                     stats.filled += len(body) - SET_HEADER
                     out.append((FILL, fill))
@@ -624,56 +810,55 @@ async def _requests_to_channel(tcp: trio.SocketStream, chan, stats: TunnelStats,
                 out += codec.encode(body, seen)
             else:
                 out.append((RAW, body))
-        stats.sent += await chan.send(_encode(out))
+        stats.sent += pipe.send(_encode(out))
 
     while True:
-        data = None
         view = batch.into()
         try:
             if view is not None:              # a weight upload: straight into its buffer
-                n = await tcp.socket.recv_into(view)
+                n = local.recv_into(view)
                 if n:
-                    await send(batch.received(n) or [])
+                    send(batch.received(n) or [])
                     continue
                 data = b""
-            elif batch.holding:
-                with trio.move_on_after(HOLD_MAX):
-                    data = await tcp.receive_some(BUFFER)
+            elif batch.holding and not readable(HOLD_MAX):
+                send(batch.take())            # held long enough: send it
+                continue
             else:
-                data = await tcp.receive_some(BUFFER)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                data = local.recv(BUFFER)
+        except OSError as exc:
             raise _Broken(f"local socket: {exc}") from exc
-        if data is None:                      # held long enough: send it
-            await send(batch.take())
-            continue
         eof = not data
         if data:
-            data, eof = _read_ready(fd, data)
+            data, eof = _read_ready(local, data)
             out = batch.feed(data)
-            await send(out if out is not None else (batch.take() if eof else []))
+            send(out if out is not None else (batch.take() if eof else []))
         if eof:
-            await send(batch.take(final=True))
-            on_eof()
-            await chan.send_eof()             # half-close: the far side reads EOF
+            send(batch.take(final=True))
+            if not ends.aborted:
+                ends.client_left()
+            pipe.send_eof()                   # half-close: the far side reads EOF
             return
 
 
-async def _channel_to_tcp(chan, tcp: trio.SocketStream, count: Callable[[int], None],
-                          fill: Callable[[memoryview, trio.SocketStream], Awaitable[None]] | None,
-                          on_eof: Callable[[], None] = lambda: None) -> None:
-    """Channel -> local socket until a clean EOF (then passed on). With `fill` (the
-    lending side) requests come compressed and FILLs are read from the model file."""
+def _to_local(count: Callable[[int], None],
+              fill: Callable[[memoryview, _Ends], None] | None, ends: _Ends) -> None:
+    """Pipe -> the local socket until a clean EOF (then passed on). With `fill` (the
+    lending side, whose near side is the pipe) requests come compressed and FILLs are read
+    from the model file."""
+    local, pipe = ends.local, ends.pipe
     codec = Expander()
     while True:
-        record = await chan.recv()
+        record = pipe.recv()
         if not record:
-            on_eof()
-            try:
-                await tcp.send_eof()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+            if fill is not None and not ends.aborted:
+                ends.client_left()
+            if fill is not None or ends.client_done:
+                _shut(local, socket.SHUT_WR)
+            # else the lender went away while llama.cpp still talks: its socket stays
+            # open until on_broken has run (see "Half-close")
             return
-        count(chan.cost(len(record)))
+        count(pipe.cost(len(record)))
         seen: list[bytes] = []
         out: list[bytes] = []              # written in one call: one wake-up of the server
         try:
@@ -684,15 +869,85 @@ async def _channel_to_tcp(chan, tcp: trio.SocketStream, count: Callable[[int], N
                     raise bulk.ChannelBroken("a request segment in a reply")
                 elif t == FILL:
                     if out:
-                        await tcp.send_all(b"".join(out))
+                        ends.send_local(b"".join(out))
                         out = []
-                    await fill(body, tcp)
+                    fill(body, ends)
                 elif (msg := codec.decode(t, body, seen)) is not None:
                     out.append(msg)
             if out:
-                await tcp.send_all(out[0] if len(out) == 1 else b"".join(out))
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                ends.send_local(out[0] if len(out) == 1 else b"".join(out))
+        except OSError as exc:
             raise _Broken(f"local socket: {exc}") from exc
+
+
+def _replies_out(ends: _Ends) -> None:
+    """The RPC server's socket -> pipe, one whole reply per record (the lender's thread)."""
+    local, pipe = ends.local, ends.pipe
+    batcher = RpcBatcher(replies=True)
+    readable = _readable(local)
+    while True:
+        try:
+            if batcher.holding and not readable(HOLD_MAX):
+                pipe.send(_encode([(RAW, batcher.take())]))
+                continue
+            data = local.recv(BUFFER)
+        except OSError as exc:
+            raise _Broken(f"local socket: {exc}") from exc
+        eof = not data
+        if data:
+            data, eof = _read_ready(local, data)
+            out = batcher.feed(data)
+            if out is None and eof:
+                out = batcher.take()
+            if out:
+                pipe.send(_encode([(RAW, out)]))
+        if eof:
+            pipe.send_eof()
+            return
+
+
+def _filler(fh) -> Callable[[memoryview, _Ends], None]:
+    """The lender's FILL: the message head, then the data from its own copy of the file
+    (blocking: the lender's abort shuts the RPC server's socket down both ways)."""
+    def fill(body: memoryview, ends: _Ends) -> None:
+        if fh is None:
+            raise bulk.ChannelBroken("a FILL on a tunnel without the model file")
+        (plen,) = _U32.unpack_from(body, 0)
+        prefix = body[4:4 + plen]
+        if len(body) != 4 + plen + _FILL.size or plen < 9 or prefix[0] != SET_TENSOR:
+            raise bulk.ChannelBroken("malformed FILL segment")
+        at, n = _FILL.unpack_from(body, 4 + plen)
+        if int.from_bytes(prefix[1:9], "little") != plen - 9 + n:
+            raise bulk.ChannelBroken("FILL sizes do not add up")
+        ends.send_local(prefix)
+        while n:                              # page cache -> socket in the kernel
+            try:
+                sent = os.sendfile(ends.local.fileno(), fh.fileno(), at, n)
+            except OSError as exc:
+                raise _Broken(f"local socket: {exc}") from exc
+            if sent == 0:
+                raise _Broken("the model file is shorter than a FILL asks")
+            at, n = at + sent, n - sent
+    return fill
+
+
+async def _relay(ends: _Ends, first: Callable[..., None], second: Callable[..., None],
+                 on_died: Callable[[], None] = lambda: None) -> None:
+    """Run the two directions, `first(ends)` (which calls `ends.client_left` at the near
+    side's EOF) and `second(ends)`, each in its own thread, beside the join task, until
+    both end. When `second` ends at a clean EOF while the near side still talks, the far
+    side (the lender, or the RPC server) went away: `on_died()`, then the rest is aborted.
+    A thread's error after an abort is the abort's doing and is not raised. The caller
+    closes `ends` afterwards."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ends.join)
+        nursery.start_soon(partial(bulk.run_blocking, ends.quiet(first), abort=ends.abort,
+                                   own_thread=True))
+        await bulk.run_blocking(ends.quiet(second), abort=ends.abort, own_thread=True)
+        if not ends.aborted and not ends.client_done:
+            on_died()
+            ends.abort()
+            nursery.cancel_scope.cancel()
 
 
 async def serve_tunnel(p2p, peer_id: str, *, on_broken: Callable[[str], None],
@@ -725,8 +980,7 @@ async def serve_tunnel(p2p, peer_id: str, *, on_broken: Callable[[str], None],
         _nodelay(tcp)
         stats.streams += 1
         stats.open += 1
-        stream = chan = None
-        client_done = False
+        stream = chan = ends = None
         try:
             try:
                 with trio.fail_after(OPEN_TIMEOUT):
@@ -743,30 +997,26 @@ async def serve_tunnel(p2p, peer_id: str, *, on_broken: Callable[[str], None],
             def received(n: int) -> None:
                 stats.received += n
 
-            def client_left() -> None:
-                nonlocal client_done
-                client_done = True
+            def died() -> None:       # the server side ended while its client still talks
+                on_broken(f"peer {name} closed the RPC connection (its RPC server "
+                          "or node went away)")
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(partial(_requests_to_channel, tcp, chan, stats, use, mm,
-                                           client_left))
-                await _channel_to_tcp(chan, tcp, received, None)
-                if not client_done:
-                    # the server side ended while its client still talks: it died
-                    on_broken(f"peer {name} closed the RPC connection (its RPC server "
-                              "or node went away)")
-                    nursery.cancel_scope.cancel()
+            ends = _Ends(tcp, chan, quiet_local=True)
+            await _relay(ends, partial(_requests_out, stats, use, mm),
+                         partial(_to_local, received, None), died)
         except* PeerError as group:
-            if not client_done:
+            if ends is None or not ends.client_done:
                 on_broken(f"the RPC tunnel to peer {name} broke: {group.exceptions[0].message}")
         except* _Broken:
             pass    # our side (the model's worker) went away: its supervisor knows
         except* Exception as group:     # a bug here must not take the node down
             log.error("RPC tunnel to %s failed", name, exc_info=group)
-            if not client_done:
+            if ends is None or not ends.client_done:
                 on_broken(f"the RPC tunnel to peer {name} failed: {group.exceptions[0]!r}")
         finally:
             stats.open -= 1
+            if ends is not None:
+                ends.close()              # llama.cpp sees its connection end only now
             with trio.CancelScope(shield=True):
                 if chan is not None:
                     await chan.aclose()
@@ -979,74 +1229,16 @@ async def _pipe(stream, peer: str, chan, connect, fh) -> None:
             await stream.reset()
             return
         _nodelay(tcp)
-
-        async def fill(body: memoryview, tcp: trio.SocketStream) -> None:
-            if fh is None:
-                raise bulk.ChannelBroken("a FILL on a tunnel without the model file")
-            (plen,) = _U32.unpack_from(body, 0)
-            prefix = body[4:4 + plen]
-            if len(body) != 4 + plen + _FILL.size or plen < 9 or prefix[0] != SET_TENSOR:
-                raise bulk.ChannelBroken("malformed FILL segment")
-            at, n = _FILL.unpack_from(body, 4 + plen)
-            if int.from_bytes(prefix[1:9], "little") != plen - 9 + n:
-                raise bulk.ChannelBroken("FILL sizes do not add up")
-            await tcp.send_all(prefix)
-            while n:                          # page cache -> socket in the kernel
-                try:
-                    sent = os.sendfile(tcp.socket.fileno(), fh.fileno(), at, n)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(tcp.socket)
-                    continue
-                except OSError as exc:
-                    raise _Broken(f"local socket: {exc}") from exc
-                if sent == 0:
-                    raise _Broken("the model file is shorter than a FILL asks")
-                at, n = at + sent, n - sent
-
-        client_done = False
-
-        def client_left() -> None:
-            nonlocal client_done
-            client_done = True
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_channel_to_tcp, chan, tcp, lambda n: None, fill, client_left)
-            await _replies_to_channel(tcp, chan)
-            if not client_done:
-                # the server closed first (it died): abort the client at once
-                nursery.cancel_scope.cancel()
-                await stream.reset()
+        ends = _Ends(tcp, chan, quiet_local=False)
+        died = []
+        try:
+            await _relay(ends, partial(_to_local, lambda n: None, _filler(fh)), _replies_out,
+                         lambda: died.append(True))
+        finally:
+            ends.close()
+        if died:
+            await stream.reset()      # the server closed first (it died): abort the client
     finally:
         if tcp is not None:
             with trio.CancelScope(shield=True):
                 await tcp.aclose()
-
-
-async def _replies_to_channel(tcp: trio.SocketStream, chan) -> None:
-    """RPC server -> channel, one whole reply per record."""
-    fd = tcp.socket.fileno()
-    batcher = RpcBatcher(replies=True)
-    while True:
-        data = None
-        try:
-            if batcher.holding:
-                with trio.move_on_after(HOLD_MAX):
-                    data = await tcp.receive_some(BUFFER)
-            else:
-                data = await tcp.receive_some(BUFFER)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise _Broken(f"local socket: {exc}") from exc
-        if data is None:
-            await chan.send(_encode([(RAW, batcher.take())]))
-            continue
-        eof = not data
-        if data:
-            data, eof = _read_ready(fd, data)
-            out = batcher.feed(data)
-            if out is None and eof:
-                out = batcher.take()
-            if out:
-                await chan.send(_encode([(RAW, out)]))
-        if eof:
-            await chan.send_eof()
-            return
