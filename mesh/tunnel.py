@@ -784,6 +784,21 @@ def _readable(sock: socket.socket) -> Callable[[float], bool]:
     return lambda seconds: bool(poller.poll(seconds * 1000))
 
 
+def _read_local(local: socket.socket, readable: Callable[[float], bool],
+                holding: bool) -> tuple[bytes | None, bool]:
+    """(bytes, eof) from the local socket, with whatever else it already holds; (None,
+    False) when something is held and nothing came within HOLD_MAX."""
+    try:
+        if holding and not readable(HOLD_MAX):
+            return None, False
+        data = local.recv(BUFFER)
+    except OSError as exc:
+        raise _Broken(f"local socket: {exc}") from exc
+    if not data:
+        return b"", True
+    return _read_ready(local, data)
+
+
 def _requests_out(stats: TunnelStats, model: ModelFile | None, mm, ends: _Ends) -> None:
     """llama.cpp's socket -> pipe, in whole RPC messages, SET_TENSORs as FILLs where they
     can (the loading node's first thread)."""
@@ -820,17 +835,15 @@ def _requests_out(stats: TunnelStats, model: ModelFile | None, mm, ends: _Ends) 
                 if n:
                     send(batch.received(n) or [])
                     continue
-                data = b""
-            elif batch.holding and not readable(HOLD_MAX):
-                send(batch.take())            # held long enough: send it
-                continue
+                data, eof = b"", True
             else:
-                data = local.recv(BUFFER)
+                data, eof = _read_local(local, readable, batch.holding)
+                if data is None:
+                    send(batch.take())        # held long enough: send it
+                    continue
         except OSError as exc:
             raise _Broken(f"local socket: {exc}") from exc
-        eof = not data
         if data:
-            data, eof = _read_ready(local, data)
             out = batch.feed(data)
             send(out if out is not None else (batch.take() if eof else []))
         if eof:
@@ -886,16 +899,11 @@ def _replies_out(ends: _Ends) -> None:
     batcher = RpcBatcher(replies=True)
     readable = _readable(local)
     while True:
-        try:
-            if batcher.holding and not readable(HOLD_MAX):
-                pipe.send(_encode([(RAW, batcher.take())]))
-                continue
-            data = local.recv(BUFFER)
-        except OSError as exc:
-            raise _Broken(f"local socket: {exc}") from exc
-        eof = not data
+        data, eof = _read_local(local, readable, batcher.holding)
+        if data is None:
+            pipe.send(_encode([(RAW, batcher.take())]))
+            continue
         if data:
-            data, eof = _read_ready(local, data)
             out = batcher.feed(data)
             if out is None and eof:
                 out = batcher.take()
