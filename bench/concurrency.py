@@ -109,9 +109,21 @@ def mesh_models_dir(tmp: Path, stream_interval_ms: float | None = None) -> Path:
         sys.exit(f"{exc}: run the tests or `mesh install` first")
 
 
+def _no_amx() -> list[str]:
+    """The flags scripts/setup.sh builds llama-cpp-python with on an AMX CPU (see there:
+    llama.cpp's AMX kernels crashed here), so that the anchor runs the same kernels."""
+    try:
+        amx = "amx_int8" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        amx = False
+    flags = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    return [f"-DCMAKE_C_FLAGS={flags}", f"-DCMAKE_CXX_FLAGS={flags}"] if amx else []
+
+
 def build_llama_server() -> Path | str:
     """Path of llama-server, built on first use; or a string saying why not."""
-    exe = SERVER_DIR / "build" / "bin" / "llama-server"
+    build = SERVER_DIR / ("build-noamx" if _no_amx() else "build")
+    exe = build / "bin" / "llama-server"
     if exe.exists():
         return exe
     SERVER_DIR.mkdir(parents=True, exist_ok=True)
@@ -126,12 +138,12 @@ def build_llama_server() -> Path | str:
             with tarfile.open(tgz) as tf:
                 tf.extractall(SERVER_DIR, filter="data")
         print("building llama-server (several minutes on 2 cores) ...", flush=True)
-        subprocess.run(["cmake", "-S", str(src), "-B", str(SERVER_DIR / "build"),
+        subprocess.run(["cmake", "-S", str(src), "-B", str(build), *_no_amx(),
                         "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
                         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                         "-DLLAMA_BUILD_SERVER=ON", "-DBUILD_SHARED_LIBS=OFF"],
                        check=True, capture_output=True)
-        subprocess.run(["cmake", "--build", str(SERVER_DIR / "build"), "--target",
+        subprocess.run(["cmake", "--build", str(build), "--target",
                         "llama-server", f"-j{os.cpu_count() or 1}"], check=True,
                        capture_output=True)
     except (OSError, subprocess.CalledProcessError, tarfile.TarError) as exc:
